@@ -1,0 +1,131 @@
+"""Metrics as (sum, count) pairs, throughput/MFU, and the writers.
+
+Steps return ``{name: (sum, count)}``; sums and counts are added over steps,
+microbatches and hosts and divided only when written, so averages stay right
+however the work was split.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets). Keys are matched
+# against ``device.device_kind`` (lower case, substring).
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # Trillium / v6e
+    "tpu v6e": 918e12,
+    "h200": 989e12,
+    "h100": 989e12,
+    "a100": 312e12,
+    "l4": 121e12,
+}
+
+
+class MetricsAccumulator:
+  """Adds ``{name: (sum, count)}`` dicts on the host; ``result()`` averages."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._counts: dict[str, float] = {}
+
+  def add(self, metrics: Mapping[str, tuple]) -> None:
+    metrics = jax.device_get(metrics)
+    for name, (s, c) in metrics.items():
+      self._sums[name] = self._sums.get(name, 0.0) + float(s)
+      self._counts[name] = self._counts.get(name, 0.0) + float(c)
+
+  def result(self) -> dict[str, float]:
+    return {k: self._sums[k] / self._counts[k] if self._counts[k] else float("nan")
+            for k in self._sums}
+
+  def __bool__(self) -> bool:
+    return bool(self._sums)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best observed fp32 matmul FLOP/s on the default device (the CPU peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def device_peak_flops(device=None) -> float:
+  """Peak FLOP/s of one device: datasheet for accelerators, measured on CPU."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key, flops in PEAK_FLOPS.items():
+    if key in kind:
+      return flops
+  if device.platform == "cpu":
+    # All forced host "devices" share the same cores: divide the socket's peak.
+    return measured_matmul_flops() / jax.local_device_count()
+  return float("nan")
+
+
+def throughput(tokens: float, seconds: float, flops_per_token: float,
+               num_devices: int, peak_flops: float) -> dict[str, float]:
+  """tokens/s and model FLOPs utilisation (MFU, PaLM appendix B)."""
+  tps = tokens / max(seconds, 1e-9)
+  return {"tokens_per_s": tps,
+          "mfu": tps * flops_per_token / (num_devices * peak_flops)}
+
+
+class MetricsWriter:
+  """Writes one JSON object per log step and TensorBoard scalars (process 0)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # heavy import, process 0 only
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def prefixed(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+  return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads ``metrics.jsonl`` back (for tests, notebooks and plots)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,44 @@
+"""Causal / prefix LM objective: weighted token cross-entropy.
+
+Every objective has the signature
+``objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics))``
+where ``loss_sum`` is the differentiated sum over this (micro)batch,
+``loss_count`` its denominator (independent of the parameters, so the step can
+divide gradients summed over microbatches by the total count and stay exact),
+and ``metrics`` maps names to ``(sum, count)`` pairs.
+"""
+
+import jax.numpy as jnp
+
+from alignax.losses import _lm
+
+
+def forward(model, batch):
+  """Logits ``[B, T, V]`` for a packed batch (segments, positions, prefix)."""
+  return model(batch["inputs"], positions=batch["positions"],
+               segment_ids=batch["segment_ids"], prefix=batch["prefix"])
+
+
+def lm_objective(model, batch, rng, *, frozen=None, z_loss=0.0):
+  """Token cross-entropy over ``batch['weights']`` (prefix-LM aware).
+
+  Args:
+    model: an NNX module mapping tokens to logits.
+    batch: dict of ``[B, T]`` arrays: ``inputs``, ``targets``, ``weights``,
+      ``positions``, ``segment_ids``, ``prefix``.
+    rng: unused (deterministic model); kept for the shared signature.
+    frozen: unused; the LM objective needs no reference model.
+    z_loss: z-loss coefficient (see ``token_cross_entropy``).
+  """
+  del rng, frozen
+  logits = forward(model, batch)  # [B, T, V]
+  per_token = _lm.token_cross_entropy(logits, batch["targets"], z_loss=z_loss)
+  weights = batch["weights"].astype(jnp.float32)
+  loss_sum = jnp.sum(per_token * weights)
+  count = jnp.sum(weights)
+  correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+  metrics = {
+      "loss": (loss_sum, count),
+      "accuracy": (jnp.sum(correct * weights), count),
+  }
+  return loss_sum, (count, metrics)

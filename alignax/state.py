@@ -1,0 +1,149 @@
+"""The one train state shared by every path, and its sharded creation.
+
+Shapes come first (``nnx.eval_shape``), shardings are derived from the
+kernels' logical axis names, then ``jax.jit(init, out_shardings=...)`` builds
+parameters and optimizer state directly in their shards, so no full copy of
+the model ever lands on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from alignax import sharding as shd
+from alignax.models import ModelConfig, Transformer
+
+# Variables are created unsharded and placed by jit's out_shardings instead
+# (flax >= 0.12 would otherwise demand a mesh context for annotated kernels).
+nnx.use_eager_sharding(False)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed as one pytree.
+
+  Attributes:
+    step: int32 scalar, number of optimizer steps taken.
+    params: pure nested dict of fp32 arrays (``nnx.to_pure_dict`` layout).
+    opt_state: optax state for ``params``.
+    rng: uint32 ``[2]`` key, split once per step.
+    loss_scale: float32 scalar; 1 unless dynamic loss scaling is on (fp16).
+    good_steps: int32 scalar, finite steps since the scale last changed.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  loss_scale: jax.Array
+  good_steps: jax.Array
+
+
+def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_ratio``."""
+  warmup = int(opt_cfg["warmup_steps"])
+  if warmup < 0 or warmup > total_steps:
+    raise ValueError(f"config.optimizer.warmup_steps={warmup} must lie in "
+                     f"[0, total_steps={total_steps}]")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=float(opt_cfg["lr"]),
+      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=float(opt_cfg["lr"]) * float(opt_cfg["final_lr_ratio"]))
+
+
+def build_optimizer(opt_cfg: Mapping[str, Any], total_steps: int):
+  """AdamW with global-norm clipping; returns ``(optimizer, schedule)``.
+
+  Weight decay skips 1-D parameters (norm scales), as in MaxText and Llama.
+  """
+  if opt_cfg["name"] != "adamw":
+    raise ValueError(f"config.optimizer.name={opt_cfg['name']!r}: only "
+                     "'adamw' is supported")
+  schedule = build_schedule(opt_cfg, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  chain = []
+  if opt_cfg["grad_clip_norm"]:
+    chain.append(optax.clip_by_global_norm(float(opt_cfg["grad_clip_norm"])))
+  chain.append(optax.adamw(
+      schedule, b1=float(opt_cfg["b1"]), b2=float(opt_cfg["b2"]),
+      eps=float(opt_cfg["eps"]), weight_decay=float(opt_cfg["weight_decay"]),
+      mask=decay_mask))
+  return optax.chain(*chain), schedule
+
+
+def abstract_model(model_cfg: ModelConfig):
+  """``(graphdef, abstract nnx.State)`` of the model without allocating it."""
+  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param)
+
+
+def init_params(model_cfg: ModelConfig, seed) -> dict:
+  """Fresh parameters as a pure dict (call under jit to place them sharded)."""
+  model = Transformer(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape):
+  """Shardings of a ``TrainState`` whose params are sharded as given.
+
+  Optimizer moments follow their parameter (``optax.tree_map_params``);
+  counters and the rng are replicated.
+  """
+  rep = shd.replicated(mesh)
+  opt_shape = jax.eval_shape(optimizer.init, params_shape)
+  opt_sharding = optax.tree_map_params(
+      optimizer, lambda _, s: s, opt_shape, params_sharding,
+      transform_non_params=lambda _: rep,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=rep, params=params_sharding, opt_state=opt_sharding,
+                    rng=rep, loss_scale=rep, good_steps=rep)
+
+
+def create_train_state(model_cfg: ModelConfig, optimizer, mesh: Mesh, rules,
+                       *, seed: int, init_loss_scale: float = 1.0):
+  """Builds ``(graphdef, state, shardings)`` with every array born sharded."""
+  graphdef, abstract = abstract_model(model_cfg)
+  params_sharding = shd.param_shardings(abstract, mesh, rules)
+  params_shape = nnx.to_pure_dict(abstract)
+  shardings = state_shardings(params_sharding, optimizer, mesh, params_shape)
+
+  def init(seed):
+    params = init_params(model_cfg, seed)
+    return TrainState(
+        step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+        loss_scale=jnp.float32(init_loss_scale), good_steps=jnp.int32(0))
+
+  state = jax.jit(init, out_shardings=shardings)(seed)
+  return graphdef, state, shardings
+
+
+def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
+                         optimizer) -> TrainState:
+  """``ShapeDtypeStruct`` tree of a ``TrainState`` carrying ``shardings``.
+
+  Orbax restores onto this target, so a checkpoint written on one mesh loads
+  directly into the shards of another.
+  """
+  _, abstract = abstract_model(model_cfg)
+  params_shape = nnx.to_pure_dict(abstract)
+  shapes = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
+      opt_state=jax.eval_shape(optimizer.init, params_shape),
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+      loss_scale=jax.ShapeDtypeStruct((), jnp.float32),
+      good_steps=jax.ShapeDtypeStruct((), jnp.int32))
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
+
+
+def param_count(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

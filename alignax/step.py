@@ -1,0 +1,170 @@
+"""One train-step skeleton for every path, and its eval twin.
+
+``objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics))``
+(see ``alignax.objectives.lm``). The step differentiates ``loss_sum`` per
+microbatch, sums gradients over microbatches and divides by the total count,
+so accumulation gives exactly the gradient of the full-batch mean.
+
+Non-finite losses or gradients never reach the parameters: the update is
+dropped inside the step and reported as ``nonfinite``; the loop decides
+whether to stop (the default) or go on (``on_nonfinite='skip'``). With dynamic
+loss scaling (fp16 compute) such steps halve the scale instead, as in
+mixed-precision training (Micikevicius et al., 2018).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from alignax import sharding as shd
+from alignax.state import TrainState
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+  """Dynamic loss scaling: halve on overflow, double after ``period`` good steps."""
+  dynamic: bool = False
+  period: int = 2000
+  factor: float = 2.0
+  min_scale: float = 1.0
+
+
+def _split_microbatches(batch, microbatches: int, mesh):
+  """``[B, ...] -> [M, B/M, ...]`` taking every M-th row into one microbatch.
+
+  Strided (not contiguous) selection keeps each microbatch spread over all
+  data shards instead of landing on the first devices only.
+  """
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible into "
+                       f"{microbatches} microbatches")
+    x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)  # [M, B/M, ...]
+    if mesh is not None:
+      spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
+      x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return x
+  return jax.tree.map(split, batch)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_grad_fn(objective, graphdef, *, microbatches: int = 1, mesh=None):
+  """``(params, batch, rng, frozen, scale) -> (grads_sum, loss_count, metrics)``."""
+
+  def loss_fn(params, batch, rng, frozen, scale):
+    model = nnx.merge(graphdef, params)
+    loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen)
+    return loss_sum * scale, (count, metrics)
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def accumulate(params, batch, rng, frozen, scale):
+    if microbatches == 1:
+      grads, (count, metrics) = grad_fn(params, batch, rng, frozen, scale)
+      return grads, count, metrics
+    micro = _split_microbatches(batch, microbatches, mesh)
+    rngs = jax.random.split(rng, microbatches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, params, first, rngs[0], frozen, scale)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+    def body(carry, xs):
+      mb, r = xs
+      grads, aux = grad_fn(params, mb, r, frozen, scale)
+      return _add(carry, (grads, aux)), None
+
+    (grads, (count, metrics)), _ = jax.lax.scan(body, zeros, (micro, rngs))
+    return grads, count, metrics
+
+  return accumulate
+
+
+def _next_loss_scale(state: TrainState, finite, cfg: LossScaleConfig):
+  if not cfg.dynamic:
+    return state.loss_scale, state.good_steps
+  grow = finite & (state.good_steps + 1 >= cfg.period)
+  scale = jnp.where(finite, jnp.where(grow, state.loss_scale * cfg.factor,
+                                      state.loss_scale),
+                    jnp.maximum(state.loss_scale / cfg.factor, cfg.min_scale))
+  good = jnp.where(finite & ~grow, state.good_steps + 1, 0)
+  return scale.astype(jnp.float32), good.astype(jnp.int32)
+
+
+def make_train_step(objective, graphdef, optimizer, schedule=None, *,
+                    microbatches: int = 1, mesh=None,
+                    loss_scale: LossScaleConfig = LossScaleConfig()):
+  """Returns ``train_step(state, batch, frozen) -> (state, metrics)`` (unjitted).
+
+  ``metrics`` maps names to ``(sum, count)``; the objective's metrics plus
+  ``grad_norm``, ``param_norm``, ``update_norm``, ``lr``, ``loss_scale`` and
+  ``nonfinite`` (1 when the update was dropped).
+  """
+  grads_of = make_grad_fn(objective, graphdef, microbatches=microbatches, mesh=mesh)
+
+  def train_step(state: TrainState, batch, frozen=None):
+    rng, step_rng = jax.random.split(state.rng)
+    scale = state.loss_scale
+    grads, count, metrics = grads_of(state.params, batch, step_rng, frozen, scale)
+    # d(sum)/count = d(mean): exact for any split into microbatches.
+    grads = jax.tree.map(lambda g: g / (scale * jnp.maximum(count, 1e-9)), grads)
+    finite = _all_finite(grads) & jnp.isfinite(metrics["loss"][0])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_scale, good = _next_loss_scale(state, finite, loss_scale)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=rng, loss_scale=new_scale, good_steps=good)
+    one = jnp.float32(1.0)
+    metrics = dict(metrics)
+    metrics.update(
+        grad_norm=(optax.tree.norm(grads), one),
+        param_norm=(optax.tree.norm(state.params), one),
+        update_norm=(optax.tree.norm(updates), one),
+        nonfinite=((~finite).astype(jnp.float32), one),
+        loss_scale=(state.loss_scale, one))
+    if schedule is not None:
+      metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(objective, graphdef):
+  """Returns ``eval_step(params, batch, frozen) -> metrics`` (unjitted)."""
+
+  def eval_step(params, batch, frozen=None):
+    model = nnx.merge(graphdef, params)
+    _, (_, metrics) = objective(model, batch, jax.random.PRNGKey(0), frozen=frozen)
+    return metrics
+
+  return eval_step
+
+
+def jit_train_step(train_step, state_shardings, mesh, frozen_shardings=None):
+  """jit with the state donated and kept in place; ``frozen`` is not donated.
+
+  Returns ``step(state, batch, frozen=None) -> (state, metrics)``.
+  """
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, shd.batch_sharding(mesh), frozen_shardings),
+      out_shardings=(state_shardings, shd.replicated(mesh)),
+      donate_argnums=(0,))
+  return lambda state, batch, frozen=None: jitted(state, batch, frozen)

@@ -1,0 +1,39 @@
+"""alignax: a JAX/Flax, TPU-first stack for pretraining and aligning LMs."""
+import setuptools
+
+# Versions are pinned to releases tested together; bump them together.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "sentencepiece==0.2.3",
+    "tokenizers==0.23.3",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    "pyarrow==26.0.1",
+    "numpy>=2.0",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # torch 2.13.0 CPU lies on disk; pip takes it from there.
+    "hf": ["torch==2.13.0", "transformers", "safetensors"],
+    "notebooks": ["matplotlib", "nbclient", "ipykernel", "nbformat"],
+}
+
+setuptools.setup(
+    name="alignax",
+    version="0.1.0",
+    description="JAX/Flax stack for UL2 pretraining, contrastive dual "
+    "encoders and DPO/LiPO post-training on one sharded model state.",
+    packages=setuptools.find_packages(include=["alignax", "alignax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
