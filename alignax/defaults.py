@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8  # Adam epsilon
   c.optimizer.weight_decay = 0.1  # decoupled weight decay on matrices
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+  c.optimizer.schedule_steps = 0  # length of the lr schedule (0 = train.steps)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300  # optimizer steps
@@ -70,7 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.save_every = 100  # steps between checkpoints
   c.checkpoint.keep = 2  # checkpoints kept
   c.checkpoint.async_save = True  # write in the background
-  c.checkpoint.init_from = ""  # a checkpoint step dir (or workdir) to start from
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds

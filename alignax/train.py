@@ -1,0 +1,218 @@
+"""The training loop shared by every path.
+
+``main(config, workdir)`` builds the mesh, tokenizer, sharded state, data
+iterator and step; resumes from the workdir's latest checkpoint (state and
+data iterator); trains with periodic logging, held-out evaluation and
+checkpoints; saves on SIGTERM/SIGINT; and returns the last logged metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from alignax import checkpoint as ckpt_lib
+from alignax import defaults
+from alignax import metrics as metrics_lib
+from alignax import sharding as shd
+from alignax import state as state_lib
+from alignax import step as step_lib
+from alignax.data import pipeline
+from alignax.data import tokenizer as tok_lib
+from alignax.models import ModelConfig
+from alignax.objectives import lm
+
+OBJECTIVES = {
+    "lm": lm.lm_objective,
+}
+
+
+def build_objective(config):
+  return functools.partial(OBJECTIVES[config.objective], z_loss=config.train.z_loss)
+
+
+def build_model_config(model_cfg, tokenizer) -> ModelConfig:
+  """``ModelConfig`` from ``config.model``; vocab 0 = tokenizer's, padded."""
+  fields = dict(model_cfg)
+  if fields["vocab_size"] == 0:
+    fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+  elif fields["vocab_size"] < tokenizer.vocab_size:
+    raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is "
+                     f"smaller than the tokenizer's {tokenizer.vocab_size} ids")
+  return ModelConfig(**fields)
+
+
+def build_loss_scale(config) -> step_lib.LossScaleConfig:
+  return step_lib.LossScaleConfig(dynamic=bool(config.train.loss_scaling))
+
+
+class Trainer:
+  """Holds what the loop needs; tests drive it step by step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.mesh = shd.make_mesh(config.mesh)
+    self.batch_ways = shd.global_batch_size(self.mesh)
+    defaults.validate(config, num_devices=self.mesh.size,
+                      batch_ways=self.batch_ways)
+    self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
+    self.model_cfg = build_model_config(config.model, self.tokenizer)
+    self.optimizer, self.schedule = state_lib.build_optimizer(
+        config.optimizer, config.optimizer.schedule_steps or config.train.steps)
+    self.graphdef, self.state, self.shardings = state_lib.create_train_state(
+        self.model_cfg, self.optimizer, self.mesh, config.sharding_rules,
+        seed=config.seed,
+        init_loss_scale=2.0**15 if config.train.loss_scaling else 1.0)
+    self.objective = build_objective(config)
+    train_step = step_lib.make_train_step(
+        self.objective, self.graphdef, self.optimizer, self.schedule,
+        microbatches=config.train.microbatches, mesh=self.mesh,
+        loss_scale=build_loss_scale(config))
+    self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh)
+    self.eval_step = jax.jit(step_lib.make_eval_step(self.objective, self.graphdef))
+    self.local_batch = config.train.batch_size // jax.process_count()
+    self.data_iter = self._make_train_iter()
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save)
+    self._eval_batches = None
+
+  def _make_train_iter(self):
+    c = self.config
+    ds = pipeline.build_lm_dataset(
+        c.data, self.tokenizer, split="train", seed=c.seed,
+        seq_len=c.train.seq_len, batch_size=self.local_batch,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return pipeline.make_iterator(ds)
+
+  def eval_batches(self):
+    if self._eval_batches is None:
+      c = self.config
+      self._eval_batches = list(pipeline.build_eval_batches(
+          c.data, self.tokenizer, seq_len=c.train.seq_len,
+          batch_size=self.local_batch, num_batches=c.train.eval_batches,
+          process_index=jax.process_index(), process_count=jax.process_count()))
+    return self._eval_batches
+
+  def restore_or_init(self) -> int:
+    """Resumes from the latest checkpoint in the workdir; returns its step."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return 0
+    target = state_lib.abstract_train_state(self.shardings, self.model_cfg,
+                                            self.optimizer)
+    self.state = self.checkpointer.restore(latest, target, self.data_iter)
+    logging.info("resumed from step %d", latest)
+    return latest
+
+  def evaluate(self) -> dict[str, float]:
+    acc = metrics_lib.MetricsAccumulator()
+    for batch in self.eval_batches():
+      acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh)))
+    out = acc.result()
+    if "loss" in out:
+      out["perplexity"] = float(np.exp(out["loss"]))
+    return out
+
+  def step(self, batch):
+    self.state, m = self.train_step(self.state, shd.host_to_global(batch, self.mesh))
+    return m
+
+
+def describe(trainer: Trainer) -> str:
+  """Devices, mesh, parameter count and per-device state memory."""
+  state_bytes = sum(x.addressable_shards[0].data.nbytes
+                    for x in jax.tree.leaves(trainer.state))
+  n_params = state_lib.param_count(trainer.state.params)
+  c = trainer.config.train
+  return "\n".join([
+      f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
+      f"({jax.process_count()} process(es))",
+      f"mesh: {dict(trainer.mesh.shape)}",
+      f"params: {n_params:,} ({trainer.model_cfg.num_params():,} by formula)",
+      f"state per device (params + optimizer): {state_bytes / 2**20:.1f} MiB",
+      f"batch: {c.batch_size} x {c.seq_len} tokens, "
+      f"{c.microbatches} microbatch(es); {trainer.local_batch} rows per process",
+  ])
+
+
+def _check_finite(pending, on_nonfinite: str, last_saved) -> None:
+  """Raises on the first non-finite step when the config says to stop."""
+  for step, m in pending:
+    if float(m["nonfinite"][0]) and on_nonfinite == "stop":
+      loss, count = (float(x) for x in m["loss"])
+      raise FloatingPointError(
+          f"step {step}: non-finite loss or gradients (loss sum={loss}, "
+          f"count={count}, grad_norm={float(m['grad_norm'][0])}). The update "
+          f"was dropped; the last checkpoint is step {last_saved}. Set "
+          "config.train.on_nonfinite='skip' to step over such batches.")
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir``; returns the last logged metrics."""
+  return run(config, workdir)[1]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Trains; returns ``(trainer, last logged metrics)``."""
+  trainer = Trainer(config, workdir)
+  c = config.train
+  start = trainer.restore_or_init()
+  is_main = jax.process_index() == 0
+  if is_main:
+    print(describe(trainer), flush=True)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  flops_per_token = trainer.model_cfg.flops_per_token(c.seq_len)
+  peak = metrics_lib.device_peak_flops()
+  bar = tqdm(total=c.steps, initial=start, disable=not (is_main and c.progress_bar),
+             dynamic_ncols=True)
+  acc, pending, last = metrics_lib.MetricsAccumulator(), [], {}
+  last_saved = start if start else None
+  tokens, t0 = 0.0, time.perf_counter()
+  with ckpt_lib.PreemptionGuard() as guard:
+    for step in range(start + 1, c.steps + 1):
+      batch = next(trainer.data_iter)
+      tokens += float(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+      pending.append((step, trainer.step(batch)))
+      preempted = guard.requested.is_set() or trainer.checkpointer.reached_preemption(step)
+      boundary = step % c.log_every == 0 or step == c.steps
+      saving = trainer.checkpointer.should_save(step) or step == c.steps or preempted
+      if boundary or saving:
+        pending = jax.device_get(pending)
+        # Overflow steps are routine under dynamic loss scaling: skip them.
+        _check_finite(pending, "skip" if c.loss_scaling else c.on_nonfinite,
+                      last_saved)
+        for _, m in pending:
+          acc.add(m)
+        pending = []
+      if boundary:
+        elapsed = time.perf_counter() - t0
+        scalars = metrics_lib.prefixed("train", acc.result())
+        scalars.update(metrics_lib.prefixed("train", metrics_lib.throughput(
+            tokens, elapsed, flops_per_token, jax.device_count(), peak)))
+        if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
+          scalars.update(metrics_lib.prefixed("eval", trainer.evaluate()))
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                        tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+        last = dict(scalars, step=step)
+        acc, tokens, t0 = metrics_lib.MetricsAccumulator(), 0.0, time.perf_counter()
+      if saving:
+        trainer.checkpointer.save(step, trainer.state, trainer.data_iter, force=True)
+        last_saved = step
+      bar.update(1)
+      if preempted:
+        logging.warning("stopping at step %d after a preemption request", step)
+        break
+  bar.close()
+  trainer.checkpointer.close()
+  writer.close()
+  return trainer, last

@@ -1,0 +1,57 @@
+"""The one entry point: CPU, one GPU, or a Cloud TPU pod.
+
+  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/demo
+  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/demo \\
+      --config.mesh.fsdp=4 --config.mesh.tensor=2
+
+On a TPU pod run the same command on every host (e.g. ``gcloud compute tpus
+tpu-vm ssh ... --worker=all``); ``jax.distributed.initialize()`` is called
+automatically there. Elsewhere ``--multihost`` with ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` starts one process of a multi-process
+job (on one machine: CPU collectives).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False,
+                               "Call jax.distributed.initialize() (always on TPU pods).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _on_tpu_pod() -> bool:
+  # Cloud TPU VMs of a multi-host slice list every worker here.
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def main(argv):
+  del argv
+  import jax  # after absl parsed XLA-related environment flags
+  if _MULTIHOST.value or _on_tpu_pod():
+    if _MULTIHOST.value and _COORDINATOR.value and jax.default_backend() == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  from alignax import train
+  result = train.main(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)
