@@ -33,6 +33,12 @@ OBJECTIVES = {
     "lm": lm.lm_objective,
 }
 
+# config.data.task -> (train dataset builder, eval batches builder); both take
+# the arguments of pipeline.build_lm_dataset / pipeline.build_eval_batches.
+DATA_TASKS = {
+    "lm": (pipeline.build_lm_dataset, pipeline.build_eval_batches),
+}
+
 
 def build_objective(config):
   return functools.partial(OBJECTIVES[config.objective], z_loss=config.train.z_loss)
@@ -87,7 +93,7 @@ class Trainer:
 
   def _make_train_iter(self):
     c = self.config
-    ds = pipeline.build_lm_dataset(
+    ds = DATA_TASKS[c.data.task][0](
         c.data, self.tokenizer, split="train", seed=c.seed,
         seq_len=c.train.seq_len, batch_size=self.local_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -96,7 +102,7 @@ class Trainer:
   def eval_batches(self):
     if self._eval_batches is None:
       c = self.config
-      self._eval_batches = list(pipeline.build_eval_batches(
+      self._eval_batches = list(DATA_TASKS[c.data.task][1](
           c.data, self.tokenizer, seq_len=c.train.seq_len,
           batch_size=self.local_batch, num_batches=c.train.eval_batches,
           process_index=jax.process_index(), process_count=jax.process_count()))
@@ -177,6 +183,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   acc, pending, last = metrics_lib.MetricsAccumulator(), [], {}
   last_saved = start if start else None
   tokens, t0 = 0.0, time.perf_counter()
+  if start == 0 and c.eval_every:
+    # The untrained model's held-out metrics: the baseline learning is judged by.
+    writer.write(0, metrics_lib.prefixed("eval", trainer.evaluate()))
   with ckpt_lib.PreemptionGuard() as guard:
     for step in range(start + 1, c.steps + 1):
       batch = next(trainer.data_iter)
