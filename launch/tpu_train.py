@@ -46,7 +46,8 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  # Orbax and grain log every save at INFO; keep the console to our lines.
+  logging.set_verbosity(logging.WARNING)
   from alignax import train
   result = train.main(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
