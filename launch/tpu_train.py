@@ -41,7 +41,8 @@ def main(argv):
   del argv
   import jax  # after absl parsed XLA-related environment flags
   if _MULTIHOST.value or _on_tpu_pod():
-    if _MULTIHOST.value and _COORDINATOR.value and jax.default_backend() == "cpu":
+    if _MULTIHOST.value:
+      # Cross-process collectives for CPU devices (no effect on TPU/GPU).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,

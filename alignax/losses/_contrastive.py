@@ -238,7 +238,7 @@ def gist_loss(anchors, positives, guide_anchors, guide_positives,
     drop = drop if keep is None else drop & ~keep
     return jnp.where(drop, -jnp.inf, _cosine(u, v))
 
-  blocks = [block(a, p, ga, gp), block(a, a, ga, ga),
+  blocks = [block(a, p, ga, gp, keep=eye), block(a, a, ga, ga),
             block(p, p, gp, gp)]
   if negatives is not None:
     if guide_negatives is None:
