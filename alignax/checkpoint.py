@@ -10,6 +10,7 @@ that looks finished.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -81,6 +82,39 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def _resolve(path: str) -> tuple[str, int]:
+  """``(manager directory, step)`` for a workdir, checkpoints dir or step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(base)
+  steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint found at {path!r} (expected a "
+                            "workdir, its checkpoints/ dir, or a step dir)")
+  return path, max(steps)
+
+
+def load_params(path: str, abstract_params):
+  """Only the parameters of a checkpoint, placed on ``abstract_params``' shardings.
+
+  Starts a new run (another objective, optimizer or mesh) from a trained
+  model, e.g. DPO from the UL2 demo. ``path`` may be a workdir, its
+  ``checkpoints/`` directory or one step directory (the latest step is used).
+  """
+  directory, step = _resolve(path)
+  item = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)
+  with ocp.CheckpointManager(directory) as mngr:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=args))
+  logging.info("loaded parameters of %s step %d", directory, step)
+  return restored["state"]["params"]
 
 
 class PreemptionGuard:

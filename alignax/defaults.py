@@ -71,8 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.save_every = 100  # steps between checkpoints
   c.checkpoint.keep = 2  # checkpoints kept
   c.checkpoint.async_save = True  # write in the background
+  c.checkpoint.init_from = ""  # start a new run from these parameters (workdir/step dir)
+
+  c.reference = "none"  # none | frozen: the policy's starting params as a frozen model
 
   c.data = ml_collections.ConfigDict()
+  c.data.task = "lm"  # key of train.DATA_TASKS: how records become batches
   c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds
   c.data.paths = ()  # files of the train split (jsonl/parquet/array_record)
   c.data.eval_paths = ()  # files of the held-out split
@@ -112,11 +116,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
   if t.seq_len > c.model.max_seq_len:
     raise ValueError(f"config.train.seq_len={t.seq_len} exceeds "
                      f"config.model.max_seq_len={c.model.max_seq_len}")
-  if c.objective not in _objectives():
-    raise ValueError(f"config.objective={c.objective!r}: known objectives "
-                     f"are {sorted(_objectives())}")
-
-
-def _objectives():
+  if c.reference not in ("none", "frozen"):
+    raise ValueError(f"config.reference={c.reference!r}: use 'none' or 'frozen'")
   from alignax import train  # late import: train imports this module
-  return train.OBJECTIVES
+  if c.objective not in train.OBJECTIVES:
+    raise ValueError(f"config.objective={c.objective!r}: known objectives "
+                     f"are {sorted(train.OBJECTIVES)}")
+  if c.data.task not in train.DATA_TASKS:
+    raise ValueError(f"config.data.task={c.data.task!r}: known tasks are "
+                     f"{sorted(train.DATA_TASKS)}")

@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -81,7 +82,10 @@ class Trainer:
         self.objective, self.graphdef, self.optimizer, self.schedule,
         microbatches=config.train.microbatches, mesh=self.mesh,
         loss_scale=build_loss_scale(config))
-    self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh)
+    self.frozen = None  # set by restore_or_init when config.reference='frozen'
+    frozen_shardings = self.shardings.params if config.reference == "frozen" else None
+    self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh,
+                                              frozen_shardings)
     self.eval_step = jax.jit(step_lib.make_eval_step(self.objective, self.graphdef))
     self.local_batch = config.train.batch_size // jax.process_count()
     self.data_iter = self._make_train_iter()
@@ -108,8 +112,26 @@ class Trainer:
           process_index=jax.process_index(), process_count=jax.process_count()))
     return self._eval_batches
 
+  def _init_from(self, path: str) -> None:
+    """Replaces the fresh parameters by a checkpoint's (new optimizer state)."""
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        self.state.params, self.shardings.params)
+    params = ckpt_lib.load_params(path, target)
+    opt_state = jax.jit(self.optimizer.init,
+                        out_shardings=self.shardings.opt_state)(params)
+    self.state = self.state.replace(params=params, opt_state=opt_state)
+
   def restore_or_init(self) -> int:
-    """Resumes from the latest checkpoint in the workdir; returns its step."""
+    """Resumes from the latest checkpoint in the workdir; returns its step.
+
+    Without one, starts from ``config.checkpoint.init_from`` if set. The
+    frozen reference is always the *starting* parameters, also on resume.
+    """
+    if self.config.checkpoint.init_from:
+      self._init_from(self.config.checkpoint.init_from)
+    if self.config.reference == "frozen":
+      self.frozen = jax.tree.map(jnp.copy, self.state.params)  # never donated
     latest = self.checkpointer.latest_step()
     if latest is None:
       return 0
@@ -122,14 +144,16 @@ class Trainer:
   def evaluate(self) -> dict[str, float]:
     acc = metrics_lib.MetricsAccumulator()
     for batch in self.eval_batches():
-      acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh)))
+      acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh),
+                             self.frozen))
     out = acc.result()
     if "loss" in out:
       out["perplexity"] = float(np.exp(out["loss"]))
     return out
 
   def step(self, batch):
-    self.state, m = self.train_step(self.state, shd.host_to_global(batch, self.mesh))
+    self.state, m = self.train_step(self.state, shd.host_to_global(batch, self.mesh),
+                                    self.frozen)
     return m
 
 

@@ -106,3 +106,19 @@ def test_launch_rejects_unknown_field(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "stepz" in proc.stderr
+
+
+def test_init_from_and_frozen_reference(tok_dir, tmp_path):
+  first, _ = train.run(tiny_config(tok_dir, steps=2), str(tmp_path / "a"))
+  c = tiny_config(tok_dir, steps=2)
+  c.checkpoint.init_from = str(tmp_path / "a")
+  c.reference = "frozen"
+  second, _ = train.run(c, str(tmp_path / "b"))
+  trained = final_params(first)
+  # The reference is the loaded starting point; the policy moved away from it.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.frozen), trained)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), final_params(second), trained)
+  assert max(jax.tree.leaves(moved)) > 0
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    c.checkpoint.init_from = str(tmp_path / "missing")
+    train.run(c, str(tmp_path / "d"))
