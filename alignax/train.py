@@ -8,7 +8,6 @@ checkpoints; saves on SIGTERM/SIGINT; and returns the last logged metrics.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -30,8 +29,10 @@ from alignax.data import tokenizer as tok_lib
 from alignax.models import ModelConfig
 from alignax.objectives import lm
 
+# config.objective -> from_config(config) returning
+# objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics)).
 OBJECTIVES = {
-    "lm": lm.lm_objective,
+    "lm": lm.from_config,
 }
 
 # config.data.task -> (train dataset builder, eval batches builder); both take
@@ -42,7 +43,7 @@ DATA_TASKS = {
 
 
 def build_objective(config):
-  return functools.partial(OBJECTIVES[config.objective], z_loss=config.train.z_loss)
+  return OBJECTIVES[config.objective](config)
 
 
 def build_model_config(model_cfg, tokenizer) -> ModelConfig:

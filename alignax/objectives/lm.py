@@ -8,6 +8,8 @@ divide gradients summed over microbatches by the total count and stay exact),
 and ``metrics`` maps names to ``(sum, count)`` pairs.
 """
 
+import functools
+
 import jax.numpy as jnp
 
 from alignax.losses import _lm
@@ -42,3 +44,8 @@ def lm_objective(model, batch, rng, *, frozen=None, z_loss=0.0):
       "accuracy": (jnp.sum(correct * weights), count),
   }
   return loss_sum, (count, metrics)
+
+
+def from_config(config):
+  """The LM objective with ``config.train.z_loss``."""
+  return functools.partial(lm_objective, z_loss=config.train.z_loss)
