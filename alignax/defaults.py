@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.skip_malformed = False  # count and skip bad records instead of failing
   c.data.heldout_fraction = 0.02  # embedded corpus: share of documents held out
   c.data.add_bos = False  # prepend BOS to every document
+  c.data.ul2 = ml_collections.ConfigDict()  # UL2 mixture (data.task='ul2')
+  c.data.ul2.preset = "ul2"  # ul2 (UL2 Table 1, 7 denoisers) | ul2r (U-PaLM, 4)
+  c.data.ul2.denoisers = ()  # e.g. ("R(0.15,3)", "X(0.5,64)", "S(0.25)"); () = preset
+  c.data.ul2.rates = ()  # mixing weight per denoiser; () = uniform (as the paper)
+  c.data.ul2.s_split = "fixed"  # fixed (paper: last 25% target) | uniform (T5)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on first use) | hf

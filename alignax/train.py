@@ -26,19 +26,24 @@ from alignax import state as state_lib
 from alignax import step as step_lib
 from alignax.data import pipeline
 from alignax.data import tokenizer as tok_lib
+from alignax.data import ul2_pipeline
 from alignax.models import ModelConfig
 from alignax.objectives import lm
+from alignax.objectives import ul2 as ul2_objective
 
 # config.objective -> from_config(config) returning
 # objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics)).
 OBJECTIVES = {
     "lm": lm.from_config,
+    "ul2": ul2_objective.from_config,
 }
 
 # config.data.task -> (train dataset builder, eval batches builder); both take
 # the arguments of pipeline.build_lm_dataset / pipeline.build_eval_batches.
 DATA_TASKS = {
     "lm": (pipeline.build_lm_dataset, pipeline.build_eval_batches),
+    "ul2": (ul2_pipeline.build_ul2_dataset,
+            ul2_pipeline.build_ul2_eval_batches),
 }
 
 

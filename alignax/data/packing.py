@@ -78,12 +78,13 @@ class LMSegment(grain.transforms.Map):
     return lm_segment(element["tokens"])
 
 
-def check_segment(segment, seq_len):
+def check_segment(segment, seq_len, extra_fields=()):
   """Raises ``ValueError`` unless ``segment`` fits the segment contract."""
-  missing = [k for k in SEGMENT_FIELDS if k not in segment]
+  fields = SEGMENT_FIELDS + tuple(extra_fields)
+  missing = [k for k in fields if k not in segment]
   if missing:
     raise ValueError(f"segment lacks fields {missing}; has {sorted(segment)}.")
-  shapes = {k: np.shape(segment[k]) for k in SEGMENT_FIELDS}
+  shapes = {k: np.shape(segment[k]) for k in fields}
   if len(set(shapes.values())) != 1 or len(shapes["inputs"]) != 1:
     raise ValueError(f"segment fields must be 1-D of one length: {shapes}.")
   if not 0 < shapes["inputs"][0] <= seq_len:
@@ -92,9 +93,9 @@ def check_segment(segment, seq_len):
   return segment
 
 
-def _rename_packed(row):
+def _rename_packed(row, extra_fields=()):
   """grain's packed row -> the batch format (one row, ``[T]`` fields)."""
-  return {
+  return {k: row[k] for k in extra_fields} | {
       "inputs": row["inputs"].astype(np.int32),
       "targets": row["targets"].astype(np.int32),
       "weights": row["weights"].astype(np.float32),
@@ -105,29 +106,35 @@ def _rename_packed(row):
 
 
 def pack_segments(segments, *, seq_len, num_packing_bins, seed=0,
-                  shuffle_bins=True):
+                  shuffle_bins=True, extra_fields=()):
   """First-fit packs an ``IterDataset`` of segments into rows ``[seq_len]``.
 
   Args:
     segments: ``IterDataset`` of segment dicts (see the module docstring),
-      each at most ``seq_len`` long; extra fields are dropped.
+      each at most ``seq_len`` long; fields other than ``SEGMENT_FIELDS`` and
+      ``extra_fields`` are dropped.
     seq_len: row length ``T``.
     num_packing_bins: rows filled at once; more bins, less padding.
     seed: seed of the row shuffle inside each group of bins.
     shuffle_bins: shuffle rows within each group (off for evaluation).
+    extra_fields: names of further per-token segment fields to carry (e.g.
+      UL2's ``denoiser``); packed like ``targets``, 0 on padding.
 
   Returns:
     ``IterDataset`` of rows in the batch format (``[T]`` arrays).
   """
-  segments = segments.map(functools.partial(check_segment, seq_len=seq_len))
-  lengths = {k: seq_len for k in SEGMENT_FIELDS}
+  extra_fields = tuple(extra_fields)
+  segments = segments.map(functools.partial(
+      check_segment, seq_len=seq_len, extra_fields=extra_fields))
+  lengths = {k: seq_len for k in SEGMENT_FIELDS + extra_fields}
   packed = grain_exp.FirstFitPackIterDataset(
       segments, length_struct=lengths, num_packing_bins=num_packing_bins,
       seed=seed, shuffle_bins=shuffle_bins,
       # Only `inputs` gets *_positions / *_segment_ids; the other fields
       # share its layout because every segment field has the same length.
-      meta_features=("targets", "weights", "prefix"))
-  return packed.map(_rename_packed)
+      meta_features=("targets", "weights", "prefix") + extra_fields)
+  return packed.map(functools.partial(_rename_packed,
+                                      extra_fields=extra_fields))
 
 
 def empty_rows(num_rows, seq_len):
@@ -137,25 +144,31 @@ def empty_rows(num_rows, seq_len):
 
 
 def pad_batch(batch, batch_size):
-  """Pads a ``[b, T]`` batch to ``[batch_size, T]`` with padding rows."""
-  b, seq_len = batch["inputs"].shape
+  """Pads a ``[b, T]`` batch to ``[batch_size, T]`` with padding rows.
+
+  Every field is padded with zeros (extra fields included), which is what
+  :func:`empty_rows` holds.
+  """
+  b = batch["inputs"].shape[0]
   if b > batch_size:
     raise ValueError(f"batch has {b} rows, more than {batch_size=}.")
-  padding = empty_rows(batch_size - b, seq_len)
-  return {k: np.concatenate([batch[k], padding[k]]) for k in BATCH_DTYPES}
+  return {k: np.concatenate([v, np.zeros((batch_size - b,) + v.shape[1:],
+                                         v.dtype)])
+          for k, v in batch.items()}
 
 
 def pack_and_batch(segments, *, seq_len, batch_size, seed=0,
                    num_packing_bins=None, shuffle_bins=True,
-                   drop_remainder=True):
+                   drop_remainder=True, extra_fields=()):
   """Packs segments and batches rows to ``[batch_size, seq_len]`` batches.
 
   With ``drop_remainder=False`` the last batch is padded with padding rows
   (weights 0) to ``batch_size``, so every batch has the same static shape.
+  ``extra_fields`` are carried through packing (see :func:`pack_segments`).
   """
   rows = pack_segments(segments, seq_len=seq_len, seed=seed,
                        num_packing_bins=num_packing_bins or batch_size,
-                       shuffle_bins=shuffle_bins)
+                       shuffle_bins=shuffle_bins, extra_fields=extra_fields)
   batches = rows.batch(batch_size, drop_remainder=drop_remainder)
   if drop_remainder:
     return batches
