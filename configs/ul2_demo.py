@@ -35,7 +35,9 @@ def get_config(arg=None):
   c.train.seq_len = 128  # tokens per row
   c.train.eval_every = 100  # held-out loss per denoiser at 0, 100, 200, 300
   c.checkpoint.save_every = 100  # three checkpoints over the run
-  # Sentinels the mixture needs at this row length (16 at 128 tokens).
-  c.tokenizer.num_sentinels = ul2.num_sentinels_needed(
+  # The default 100 sentinels cover this row length (the mixture needs 16 at
+  # 128 tokens), so the UL2 checkpoint shares its tokenizer with the demo,
+  # dual-encoder and DPO recipes that start from it.
+  assert c.tokenizer.num_sentinels >= ul2.num_sentinels_needed(
       ul2.UL2_DENOISERS, c.train.seq_len + 1)
   return c
