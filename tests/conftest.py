@@ -17,3 +17,8 @@ jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), "alignax-jax-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "notebooks: executes the Colab notebooks (needs [notebooks])")

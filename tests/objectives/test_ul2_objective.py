@@ -415,8 +415,11 @@ def test_ul2_run_resumes_exactly_and_logs_denoisers(tok_dir, tmp_path):
 def test_recipe_configs_validate_and_pod_arithmetic_holds():
   demo = _load_config("ul2_demo").get_config()
   defaults.validate(demo, num_devices=8, batch_ways=8)
-  assert demo.tokenizer.num_sentinels == ul2.num_sentinels_needed(
-      DENOISERS, demo.train.seq_len + 1) == 16
+  # The demo shares the default tokenizer (100 sentinels) with the recipes
+  # that start from its checkpoint; the mixture needs 16 at 128 tokens.
+  needed = ul2.num_sentinels_needed(DENOISERS, demo.train.seq_len + 1)
+  assert needed == 16
+  assert demo.tokenizer.num_sentinels >= needed
   pod_module = _load_config("ul2_pod")
   pod = pod_module.get_config()
   defaults.validate(pod, num_devices=16, batch_ways=16)
