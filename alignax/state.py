@@ -8,6 +8,7 @@ the model ever lands on one device.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,16 +79,42 @@ def build_optimizer(opt_cfg: Mapping[str, Any], total_steps: int):
   return optax.chain(*chain), schedule
 
 
-def abstract_model(model_cfg: ModelConfig):
-  """``(graphdef, abstract nnx.State)`` of the model without allocating it."""
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+def abstract_model(model_cfg: ModelConfig, build=None):
+  """``(graphdef, abstract nnx.State)`` of the model without allocating it.
+
+  ``build(model_cfg, rngs=...)`` makes the module; the default is
+  ``Transformer`` (e.g. ``alignax.models.heads.EmbeddingModel`` adds a head).
+  """
+  build = build or Transformer
+  model = nnx.eval_shape(lambda: build(model_cfg, rngs=nnx.Rngs(0)))
   return nnx.split(model, nnx.Param)
 
 
-def init_params(model_cfg: ModelConfig, seed) -> dict:
+def init_params(model_cfg: ModelConfig, seed, build=None) -> dict:
   """Fresh parameters as a pure dict (call under jit to place them sharded)."""
-  model = Transformer(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
+  build = build or Transformer
+  model = build(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def fill_missing(restored, fresh):
+  """``restored`` params; leaves the checkpoint lacked come from ``fresh``.
+
+  A partial restore (``checkpoint.load_params``) leaves parameters that are
+  not in the checkpoint as ``jax.ShapeDtypeStruct``; e.g. the new embedding
+  head when an LM checkpoint starts a dual-encoder run. Those keep their
+  fresh initialisation (logged); a checkpoint that matched nothing raises.
+  """
+  is_missing = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+  flat, treedef = jax.tree.flatten_with_path(restored, is_leaf=is_missing)
+  missing = [jax.tree_util.keystr(p) for p, x in flat if is_missing(x)]
+  if len(missing) == len(flat):
+    raise ValueError("the checkpoint holds none of the model's parameters")
+  if missing:
+    logging.warning("parameters not in the checkpoint keep their fresh "
+                    "initialisation: %s", ", ".join(missing))
+  return jax.tree.map(lambda r, f: f if is_missing(r) else r, restored, fresh,
+                      is_leaf=is_missing)
 
 
 def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape):
@@ -107,15 +134,18 @@ def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape):
 
 
 def create_train_state(model_cfg: ModelConfig, optimizer, mesh: Mesh, rules,
-                       *, seed: int, init_loss_scale: float = 1.0):
-  """Builds ``(graphdef, state, shardings)`` with every array born sharded."""
-  graphdef, abstract = abstract_model(model_cfg)
+                       *, seed: int, init_loss_scale: float = 1.0, build=None):
+  """Builds ``(graphdef, state, shardings)`` with every array born sharded.
+
+  ``build`` makes the model module (see :func:`abstract_model`).
+  """
+  graphdef, abstract = abstract_model(model_cfg, build)
   params_sharding = shd.param_shardings(abstract, mesh, rules)
   params_shape = nnx.to_pure_dict(abstract)
   shardings = state_shardings(params_sharding, optimizer, mesh, params_shape)
 
   def init(seed):
-    params = init_params(model_cfg, seed)
+    params = init_params(model_cfg, seed, build)
     return TrainState(
         step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
         rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
@@ -126,13 +156,13 @@ def create_train_state(model_cfg: ModelConfig, optimizer, mesh: Mesh, rules,
 
 
 def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
-                         optimizer) -> TrainState:
+                         optimizer, build=None) -> TrainState:
   """``ShapeDtypeStruct`` tree of a ``TrainState`` carrying ``shardings``.
 
   Orbax restores onto this target, so a checkpoint written on one mesh loads
-  directly into the shards of another.
+  directly into the shards of another. ``build`` as in :func:`abstract_model`.
   """
-  _, abstract = abstract_model(model_cfg)
+  _, abstract = abstract_model(model_cfg, build)
   params_shape = nnx.to_pure_dict(abstract)
   shapes = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,

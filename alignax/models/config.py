@@ -15,6 +15,12 @@ REMAT_POLICIES = {
 }
 ATTENTIONS = ('fused', 'einsum')
 ATTENTION_IMPLS = (None, 'xla', 'cudnn')
+# ``ModelConfig.mlp_activation``: the gate nonlinearity of the gated MLP
+# (SwiGLU for 'silu', GeGLU for the gelus; 'gelu_tanh' is Gemma's).
+MLP_ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
+# ``ModelConfig.rope_scaling``: how RoPE frequencies are stretched for
+# contexts longer than pretraining ('llama3' is Llama 3.1's).
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +46,26 @@ class ModelConfig:
       (explicit float32 reference).
     attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``:
       None, ``'xla'`` or ``'cudnn'``.
+    qkv_bias: add learned biases to the q, k, v projections (Qwen2).
+    qk_norm: RMSNorm over ``head_dim`` of q and k before RoPE (Qwen3).
+    norm_offset: every RMSNorm multiplies by ``scale + norm_offset``; 1.0 is
+      Gemma's ``(1 + w)`` (scales then start at 0).
+    mlp_activation: gate nonlinearity, one of ``MLP_ACTIVATIONS``.
+    embed_scale: multiply the input embeddings by ``sqrt(d_model)`` (Gemma).
+    post_norms: RMSNorm the attention and MLP outputs before their residual
+      add too (Gemma 2's sandwich norms).
+    attn_scale: query-key scale; 0 = ``1 / sqrt(head_dim)``.
+    attn_logit_softcap: ``c * tanh(s / c)`` on attention scores; 0 = off
+      (Gemma 2). Needs ``attention='einsum'``.
+    final_logit_softcap: the same on the output logits; 0 = off.
+    layer_windows: per-layer sliding-window length (0 = full attention):
+      key ``j`` is visible from query ``i`` iff ``pos_i - pos_j < window``;
+      empty = every layer full (Mistral, Gemma 2, Qwen windows).
+    rope_scaling: one of ``ROPE_SCALINGS``.
+    rope_factor: context-extension factor of ``'linear'``/``'llama3'``.
+    rope_low_freq_factor: ``'llama3'`` low-frequency factor.
+    rope_high_freq_factor: ``'llama3'`` high-frequency factor.
+    rope_original_max_len: ``'llama3'`` pretraining context length.
   """
   vocab_size: int
   d_model: int
@@ -57,6 +83,21 @@ class ModelConfig:
   remat: str = 'none'
   attention: str = 'fused'
   attention_impl: str | None = None
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_offset: float = 0.0
+  mlp_activation: str = 'silu'
+  embed_scale: bool = False
+  post_norms: bool = False
+  attn_scale: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
+  layer_windows: tuple[int, ...] = ()
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
@@ -82,12 +123,42 @@ class ModelConfig:
     _check_choice('remat', self.remat, tuple(REMAT_POLICIES))
     _check_choice('attention', self.attention, ATTENTIONS)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    self._check_extensions()
+
+  def _check_extensions(self):
+    """Validates the family-specific fields (Qwen, Gemma, Mistral, Llama 3)."""
+    _check_choice('mlp_activation', self.mlp_activation, MLP_ACTIVATIONS)
+    _check_choice('rope_scaling', self.rope_scaling, ROPE_SCALINGS)
+    for name in ('attn_scale', 'attn_logit_softcap', 'final_logit_softcap',
+                 'norm_offset'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'ModelConfig.{name} must be >= 0, got '
+                         f'{getattr(self, name)!r}.')
+    if self.attn_logit_softcap and self.attention != 'einsum':
+      raise ValueError(
+          f'ModelConfig.attn_logit_softcap={self.attn_logit_softcap} needs '
+          f"attention='einsum' (jax.nn.dot_product_attention has no softcap).")
+    # ml_collections hands lists over; the frozen config must stay hashable.
+    windows = tuple(int(w) for w in self.layer_windows)
+    object.__setattr__(self, 'layer_windows', windows)
+    if windows and (len(windows) != self.n_layers or min(windows) < 0):
+      raise ValueError(
+          f'ModelConfig.layer_windows={windows} must be empty or hold '
+          f'n_layers={self.n_layers} lengths >= 0.')
+    if self.rope_scaling != 'none' and self.rope_factor <= 0:
+      raise ValueError(
+          f'ModelConfig.rope_factor={self.rope_factor} must be > 0.')
 
   def num_params(self) -> int:
     """Exact number of parameters of the model built from this config."""
     d, v = self.d_model, self.vocab_size
-    norms = 2 * d
-    per_layer = self._matmul_params_per_layer() + norms
+    # Per-layer vectors: norm scales and biases.
+    vectors = (4 if self.post_norms else 2) * d
+    if self.qk_norm:
+      vectors += 2 * self.head_dim
+    if self.qkv_bias:
+      vectors += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    per_layer = self._matmul_params_per_layer() + vectors
     lm_head = 0 if self.tie_embeddings else d * v
     return v * d + self.n_layers * per_layer + d + lm_head
 

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alignax.models.config import ModelConfig
@@ -35,24 +36,30 @@ def partitioned_param(rngs, initializer, shape, names, dtype):
 class RMSNorm(nnx.Module):
   r"""Root-mean-square layer norm, computed in float32.
 
-  .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \odot s
+  .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \odot (s + o)
+
+  ``offset`` ``o`` is 0 (Llama) or 1 (Gemma stores ``w = s - 1``); the scale
+  is initialised so that ``s + o = 1``.
 
   References:
     Zhang & Sennrich, 2019, Root Mean Square Layer Normalization.
   """
 
   def __init__(self, dim: int, *, eps: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.scale = partitioned_param(rngs, _init.ones, (dim,), ('norm',),
-                                   param_dtype)
+               rngs: nnx.Rngs, offset: float = 0.0):
+    self.scale = partitioned_param(rngs, _init.constant(1.0 - offset), (dim,),
+                                   ('norm',), param_dtype)
     self.eps = eps
     self.dtype = dtype
+    self.offset = offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(at_least_f32(x.dtype))
     inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (x32 * inv_rms * self.scale[...].astype(x32.dtype)).astype(
-        self.dtype)
+    scale = self.scale[...].astype(x32.dtype)
+    if self.offset:
+      scale = scale + self.offset
+    return (x32 * inv_rms * scale).astype(self.dtype)
 
 
 class Embed(nnx.Module):
@@ -76,17 +83,21 @@ class Embed(nnx.Module):
                       preferred_element_type=at_least_f32(self.dtype))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, *,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
   r"""Rotary position embedding, half-split (GPT-NeoX / MaxText) layout.
 
   Dimension pairs ``(i, i + Dh/2)`` are rotated by the angle
   :math:`p\,\theta^{-2i/D_h}`, so :math:`\langle R_p q, R_s k\rangle` depends
-  on ``p - s`` only.
+  on ``p - s`` only. This is Hugging Face's ``rotate_half`` layout (its Llama
+  conversion permutes q/k rows into it), so their kernels load unpermuted.
 
   Args:
     x: ``[B, T, N, Dh]`` queries or keys.
     positions: ``[B, T]`` integer positions (restart at 0 per packed segment).
     theta: base wavelength.
+    inv_freq: optional ``[Dh/2]`` frequencies replacing ``theta``'s, e.g. the
+      scaled ones of :func:`rope_frequencies`.
 
   Returns:
     rotated ``x``, same shape and dtype.
@@ -96,7 +107,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     Embedding.
   """
   half, f32 = x.shape[-1] // 2, at_least_f32(x.dtype)
-  inv_freq = theta ** (-jnp.arange(half, dtype=f32) / half)  # [Dh/2]
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(half, dtype=f32) / half)  # [Dh/2]
+  else:
+    inv_freq = jnp.asarray(inv_freq, f32)
   angles = positions.astype(f32)[..., None] * inv_freq  # [B, T, Dh/2]
   sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -105,8 +119,44 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def make_attention_mask(segment_ids: jax.Array,
-                        prefix: jax.Array) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, *, scaling: str = 'none',
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> np.ndarray:
+  r"""RoPE inverse frequencies ``[Dh/2]`` (float32), optionally rescaled.
+
+  ``'none'``: :math:`\theta^{-2i/D_h}`. ``'linear'`` (position
+  interpolation) divides them all by ``factor``. ``'llama3'`` divides only
+  the low frequencies (wavelength above ``original_max_len /
+  low_freq_factor``) by ``factor``, keeps the high ones (wavelength below
+  ``original_max_len / high_freq_factor``) and interpolates in between,
+  following Hugging Face's ``_compute_llama3_parameters``.
+
+  References:
+    Chen et al., 2023, Extending Context Window of Large Language Models via
+    Positional Interpolation; Meta, 2024, The Llama 3 Herd of Models.
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+  if scaling == 'none':
+    return inv_freq
+  if scaling == 'linear':
+    return (inv_freq / np.float32(factor)).astype(np.float32)
+  if scaling != 'llama3':
+    raise ValueError(f'unknown RoPE scaling {scaling!r}.')
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = original_max_len / low_freq_factor
+  high_freq_wavelen = original_max_len / high_freq_factor
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = ((original_max_len / wavelen - low_freq_factor)
+            / (high_freq_factor - low_freq_factor))
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def make_attention_mask(segment_ids: jax.Array, prefix: jax.Array,
+                        attend_to: jax.Array | None = None) -> jax.Array:
   """Boolean attention mask for packed, prefix-LM rows.
 
   Query ``i`` attends key ``j`` iff both are in the same non-padding segment
@@ -114,9 +164,16 @@ def make_attention_mask(segment_ids: jax.Array,
   queries (segment 0) attend only to themselves so that their softmax is
   finite; their outputs are garbage that the loss masks away.
 
+  ``attend_to`` lets a segment also read one earlier segment of its row:
+  query ``i`` attends key ``j <= i`` whose segment id is ``attend_to[i]``.
+  Shared-prompt preference batches use it so that the prompt is encoded once
+  and every response segment reads it, as if the prompt preceded each one.
+
   Args:
     segment_ids: ``[B, T]`` int, 0 marks padding.
     prefix: ``[B, T]`` bool, True inside the bidirectional prefix.
+    attend_to: optional ``[B, T]`` int, the id of one more segment each
+      query may attend (causally); 0 = none.
 
   Returns:
     ``[B, 1, T, T]`` bool mask, True where attention is allowed.
@@ -131,25 +188,35 @@ def make_attention_mask(segment_ids: jax.Array,
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
   both_prefix = prefix[:, :, None] & prefix[:, None, :]  # [B, T, T]
   mask = (same_segment & (causal | both_prefix)) | jnp.eye(t, dtype=bool)
+  if attend_to is not None:
+    if attend_to.shape != segment_ids.shape:
+      raise ValueError(f'attend_to {attend_to.shape} must equal segment_ids '
+                       f'{segment_ids.shape}.')
+    other = ((attend_to[:, :, None] == segment_ids[:, None, :])
+             & (attend_to[:, :, None] != 0))  # [B, T, T]
+    mask = mask | (other & causal)
   return mask[:, None]
 
 
-def fused_attention(q, k, v, mask, *, implementation=None):
+def fused_attention(q, k, v, mask, *, implementation=None, scale=None):
   """``jax.nn.dot_product_attention`` (GQA natively): ``-> [B, T, H, Dh]``."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask,
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation=implementation)
 
 
-def einsum_attention(q, k, v, mask):
+def einsum_attention(q, k, v, mask, *, scale=None, softcap=0.0):
   r"""Reference GQA attention with an explicit float32 softmax.
 
-  .. math:: o = \mathrm{softmax}(q k^T / \sqrt{D_h} + m) v
+  .. math:: o = \mathrm{softmax}(c \tanh(a\,q k^T / c) + m) v
 
-  Query head ``h`` reads key/value head ``h // (H / K)``, as in
-  ``jax.nn.dot_product_attention``.
+  with scale :math:`a = 1/\sqrt{D_h}` by default and the Gemma 2 soft-cap
+  ``c`` only when ``softcap > 0``. Query head ``h`` reads key/value head
+  ``h // (H / K)``, as in ``jax.nn.dot_product_attention``.
 
   Args:
     q: ``[B, T, H, Dh]``; k, v: ``[B, S, K, Dh]``; mask: ``[B, 1, T, S]`` bool.
+    scale: score scale ``a``; None = ``1 / sqrt(Dh)``.
+    softcap: score soft-cap ``c``; 0 = none.
 
   Returns:
     ``[B, T, H, Dh]`` in ``q.dtype``.
@@ -158,7 +225,12 @@ def einsum_attention(q, k, v, mask):
   kv_heads, dtype, f32 = k.shape[2], q.dtype, at_least_f32(q.dtype)
   q = q.astype(f32).reshape(b, t, kv_heads, h // kv_heads, dh)
   logits = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(f32))
-  logits = logits / math.sqrt(dh)  # [B, K, G, T, S]
+  if scale is None:
+    logits = logits / math.sqrt(dh)  # [B, K, G, T, S]
+  else:
+    logits = logits * scale
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
   # Same finite fill value as jax.nn.dot_product_attention.
   fill = -0.7 * jnp.finfo(jnp.float32).max
   logits = jnp.where(mask[:, :, None], logits, fill)
@@ -168,7 +240,11 @@ def einsum_attention(q, k, v, mask):
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with RoPE and no biases."""
+  """Grouped-query self-attention with RoPE; optional q/k/v biases, QK-norm.
+
+  ``__call__`` attends within the given rows (training, scoring); ``decode``
+  writes the new keys and values into a KV cache and attends over it.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -183,35 +259,104 @@ class Attention(nnx.Module):
                                ('embed', 'kv_heads', 'head_dim'), pdt)
     self.o = partitioned_param(rngs, out_init, (h, dh, d),
                                ('heads', 'head_dim', 'embed'), pdt)
+    if cfg.qkv_bias:
+      self.q_bias = partitioned_param(rngs, _init.zeros, (h, dh),
+                                      ('heads', 'head_dim'), pdt)
+      self.k_bias = partitioned_param(rngs, _init.zeros, (kv, dh),
+                                      ('kv_heads', 'head_dim'), pdt)
+      self.v_bias = partitioned_param(rngs, _init.zeros, (kv, dh),
+                                      ('kv_heads', 'head_dim'), pdt)
     self.dtype = jnp.dtype(cfg.dtype)
+    if cfg.qk_norm:
+      norm_kw = dict(eps=cfg.norm_eps, dtype=self.dtype, param_dtype=pdt,
+                     rngs=rngs, offset=cfg.norm_offset)
+      self.q_norm = RMSNorm(dh, **norm_kw)
+      self.k_norm = RMSNorm(dh, **norm_kw)
     self.rope_theta = cfg.rope_theta
     self.attention = cfg.attention
     self.attention_impl = cfg.attention_impl
+    self.cfg = cfg
 
   def __call__(self, x, positions, mask):
     """``x [B, T, D]``, ``positions [B, T]``, ``mask [B, 1, T, T]``."""
-    x = x.astype(self.dtype)
+    q, k, v = self._project(x, positions)
+    return self._output(self._attend(q, k, v, mask))
+
+  def decode(self, x, positions, mask, k_cache, v_cache, index):
+    """Attends ``T`` new tokens over a KV cache after writing theirs into it.
+
+    Args:
+      x: ``[B, T, D]`` inputs of the new tokens.
+      positions: ``[B, T]`` their RoPE positions.
+      mask: ``[B, 1, T, S]`` bool, visible cache slots (the new ones included).
+      k_cache, v_cache: ``[B, S, K, Dh]`` this layer's cache.
+      index: int scalar, the slot of the first new token.
+
+    Returns:
+      ``([B, T, D] output, k_cache, v_cache)`` with the new slots written.
+    """
+    q, k, v = self._project(x, positions)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        v_cache, v.astype(v_cache.dtype), index, axis=1)
+    out = self._attend(q, k_cache.astype(self.dtype),
+                       v_cache.astype(self.dtype), mask)
+    return self._output(out), k_cache, v_cache
+
+  def _project(self, x, positions):
+    """q ``[B, T, H, Dh]``, k and v ``[B, T, K, Dh]``, RoPE applied."""
+    cfg, x = self.cfg, x.astype(self.dtype)
     q = jnp.einsum('btd,dhk->bthk', x, self.q[...].astype(self.dtype))
     k = jnp.einsum('btd,dhk->bthk', x, self.k[...].astype(self.dtype))
     v = jnp.einsum('btd,dhk->bthk', x, self.v[...].astype(self.dtype))
-    q = apply_rope(q, positions, self.rope_theta)  # [B, T, H, Dh]
-    k = apply_rope(k, positions, self.rope_theta)  # [B, T, K, Dh]
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(self.dtype)
+      k = k + self.k_bias[...].astype(self.dtype)
+      v = v + self.v_bias[...].astype(self.dtype)
+    if cfg.qk_norm:  # Per head, before RoPE (Qwen3).
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = None
+    if cfg.rope_scaling != 'none':
+      inv_freq = rope_frequencies(
+          cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling,
+          factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+          high_freq_factor=cfg.rope_high_freq_factor,
+          original_max_len=cfg.rope_original_max_len)
+    q = apply_rope(q, positions, self.rope_theta, inv_freq=inv_freq)
+    k = apply_rope(k, positions, self.rope_theta, inv_freq=inv_freq)
+    return q, k, v
+
+  def _attend(self, q, k, v, mask):
+    scale = self.cfg.attn_scale or None
     if self.attention == 'fused':
-      out = fused_attention(q, k, v, mask, implementation=self.attention_impl)
-    else:
-      out = einsum_attention(q, k, v, mask)
+      return fused_attention(q, k, v, mask, implementation=self.attention_impl,
+                             scale=scale)
+    return einsum_attention(q, k, v, mask, scale=scale,
+                            softcap=self.cfg.attn_logit_softcap)
+
+  def _output(self, out):
     return jnp.einsum('bthk,hkd->btd', out, self.o[...].astype(self.dtype))
 
 
+_ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
 class MLP(nnx.Module):
-  r"""SwiGLU feed-forward: :math:`W_d(\mathrm{silu}(x W_g) \odot x W_u)`.
+  r"""Gated feed-forward: :math:`W_d(f(x W_g) \odot x W_u)`.
+
+  ``f`` is silu (SwiGLU, the default) or a gelu (GeGLU, Gemma).
 
   References:
     Shazeer, 2020, GLU Variants Improve Transformer.
   """
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, activation: str = 'silu'):
     init = _init.lecun_normal()
     self.gate = partitioned_param(rngs, init, (dim, hidden), ('embed', 'mlp'),
                                   param_dtype)
@@ -220,9 +365,11 @@ class MLP(nnx.Module):
     self.down = partitioned_param(rngs, init, (hidden, dim), ('mlp', 'embed'),
                                   param_dtype)
     self.dtype = dtype
+    self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     gate = x @ self.gate[...].astype(self.dtype)  # [B, T, F]
     up = x @ self.up[...].astype(self.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down[...].astype(self.dtype)
+    act = _ACTIVATIONS[self.activation]
+    return (act(gate) * up) @ self.down[...].astype(self.dtype)

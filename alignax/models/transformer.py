@@ -3,8 +3,13 @@
 Pre-norm blocks (RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU),
 stacked on a leading ``layers`` axis and applied with ``nnx.scan`` so that
 one block is compiled whatever ``n_layers`` is; each block is optionally
-rematerialised with ``nnx.remat``.
+rematerialised with ``nnx.remat``. ``ModelConfig``'s family fields add what
+Qwen, Gemma and Mistral need (biases, QK-norm, GeGLU, sandwich norms,
+soft-capping, sliding windows); ``Transformer.decode`` runs the same blocks
+over a KV cache for generation.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,16 +28,34 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    norm_kw = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdt, rngs=rngs)
+    norm_kw = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdt, rngs=rngs,
+                   offset=cfg.norm_offset)
     self.attn_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.attn = layers.Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.mlp = layers.MLP(cfg.d_model, cfg.d_ff, dtype=dtype, param_dtype=pdt,
-                          rngs=rngs)
+                          rngs=rngs, activation=cfg.mlp_activation)
+    if cfg.post_norms:
+      self.post_attn_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
+      self.post_mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
+    self.post_norms = cfg.post_norms
 
   def __call__(self, x, positions, mask):
-    x = x + self.attn(self.attn_norm(x), positions, mask)
-    return x + self.mlp(self.mlp_norm(x))
+    x = self._add_attention(x, self.attn(self.attn_norm(x), positions, mask))
+    return self._add_mlp(x)
+
+  def decode(self, x, positions, mask, k_cache, v_cache, index):
+    """The block over a KV cache, see ``Attention.decode``."""
+    out, k_cache, v_cache = self.attn.decode(
+        self.attn_norm(x), positions, mask, k_cache, v_cache, index)
+    return self._add_mlp(self._add_attention(x, out)), k_cache, v_cache
+
+  def _add_attention(self, x, out):
+    return x + (self.post_attn_norm(out) if self.post_norms else out)
+
+  def _add_mlp(self, x):
+    out = self.mlp(self.mlp_norm(x))
+    return x + (self.post_mlp_norm(out) if self.post_norms else out)
 
 
 class Transformer(nnx.Module):
@@ -61,14 +84,15 @@ class Transformer(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps,
-                                     dtype=dtype, param_dtype=pdt, rngs=rngs)
+                                     dtype=dtype, param_dtype=pdt, rngs=rngs,
+                                     offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = layers.partitioned_param(
           rngs, nnx.initializers.lecun_normal(), (cfg.d_model, cfg.vocab_size),
           ('embed', 'vocab'), pdt)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, prefix=None,
-               return_hidden=False):
+               attend_to=None, return_hidden=False):
     """Logits or final hidden states.
 
     Args:
@@ -78,6 +102,9 @@ class Transformer(nnx.Module):
       segment_ids: ``[B, T]`` int, 0 = padding; default all ones.
       prefix: ``[B, T]`` bool, True inside a segment's bidirectional prefix;
         default all False (pure causal LM).
+      attend_to: ``[B, T]`` int, one more (earlier) segment each token may
+        attend, 0 = none (see ``layers.make_attention_mask``); default none.
+        Shared-prompt preference batches point responses at their prompt.
       return_hidden: return the final-normed hidden states instead of logits.
 
     Returns:
@@ -98,8 +125,9 @@ class Transformer(nnx.Module):
       if x.shape != tokens.shape:
         raise ValueError(
             f'{name} shape {x.shape} must equal tokens shape {tokens.shape}.')
-    mask = layers.make_attention_mask(segment_ids, prefix)  # [B, 1, T, T]
-    h = self._apply_blocks(self.embed(tokens), positions, mask)
+    mask = layers.make_attention_mask(segment_ids, prefix,
+                                      attend_to)  # [B, 1, T, T]
+    h = self._apply_blocks(self._embed(tokens), positions, mask)
     h = self.final_norm(h)
     return h if return_hidden else self.logits_from_hidden(h)
 
@@ -109,26 +137,109 @@ class Transformer(nnx.Module):
     Callers that cannot hold ``[B, T, V]`` apply it to chunks of ``h``.
     """
     if self.cfg.tie_embeddings:
-      return self.embed.attend(h)
-    dtype = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum('...d,dv->...v', h.astype(dtype),
-                      self.lm_head[...].astype(dtype),
-                      preferred_element_type=layers.at_least_f32(dtype))
+      logits = self.embed.attend(h)
+    else:
+      dtype = jnp.dtype(self.cfg.dtype)
+      logits = jnp.einsum('...d,dv->...v', h.astype(dtype),
+                          self.lm_head[...].astype(dtype),
+                          preferred_element_type=layers.at_least_f32(dtype))
+    cap = self.cfg.final_logit_softcap
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+  def decode(self, tokens, cache, *, positions):
+    """Logits of ``T`` new tokens attending over a KV cache, and the cache.
+
+    Prefill passes the (left-padded) prompts, a decode step one token per
+    row. The new keys/values go to slots ``[cache['index'], + T)``; a query
+    at position ``p`` sees every filled slot of its row at a position
+    ``<= p`` (within its layer's sliding window), so rows must be written in
+    increasing positions, one sequence per row, causally (no prefix-LM).
+
+    Args:
+      tokens: ``[B, T]`` int token ids.
+      cache: from :func:`init_cache` or the previous call.
+      positions: ``[B, T]`` int RoPE positions; ``-1`` marks padding, whose
+        slots are never attended.
+
+    Returns:
+      ``([B, T, V] float32 logits, updated cache)``.
+    """
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+      raise ValueError(f'tokens {tokens.shape} and positions '
+                       f'{positions.shape} must both be [B, T].')
+    index, positions = cache['index'], positions.astype(jnp.int32)
+    k_pos = jax.lax.dynamic_update_slice_in_dim(
+        cache['positions'], positions, index, axis=1)  # [B, S]
+    visible = ((k_pos[:, None, :] >= 0)
+               & (k_pos[:, None, :] <= positions[:, :, None]))  # [B, T, S]
+    rope_positions = jnp.maximum(positions, 0)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
+              transform_metadata=_LAYERS_METADATA)
+    def scan_blocks(x, block, k, v, window):
+      mask = self._window_mask(visible[:, None], positions, k_pos, window)
+      return block.decode(x, rope_positions, mask, k, v, index)
+
+    x, k, v = scan_blocks(self._embed(tokens), self.blocks, cache['k'],
+                          cache['v'], self._windows())
+    logits = self.logits_from_hidden(self.final_norm(x))
+    return logits, dict(k=k, v=v, positions=k_pos,
+                        index=index + tokens.shape[1])
+
+  def _embed(self, tokens):
+    x = self.embed(tokens)
+    if self.cfg.embed_scale:
+      # sqrt(D) rounded to the compute dtype, as Hugging Face's Gemma does.
+      x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
+    return x
+
+  def _windows(self):
+    """``[L]`` int32 sliding-window length per layer, 0 = full."""
+    return jnp.asarray(self.cfg.layer_windows or (0,) * self.cfg.n_layers,
+                       jnp.int32)
+
+  def _window_mask(self, mask, q_positions, k_positions, window):
+    """``mask`` limited to keys less than ``window`` positions back."""
+    if not self.cfg.layer_windows:
+      return mask
+    near = (q_positions[:, :, None] - k_positions[:, None, :]) < window
+    return mask & ((window == 0) | near)[:, None]  # [B, 1, T, S]
 
   def _apply_blocks(self, x, positions, mask):
     """Scans ``x [B, T, D]`` through the stacked blocks."""
 
-    def body(block, x):
-      return block(x, positions, mask)
+    def body(block, x, window):
+      return block(x, positions,
+                   self._window_mask(mask, positions, positions, window))
 
     if self.cfg.remat != 'none':
       # prevent_cse=False is safe (and faster) under scan, see jax.checkpoint.
       body = nnx.remat(body, policy=REMAT_POLICIES[self.cfg.remat],
                        prevent_cse=False)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
               transform_metadata=_LAYERS_METADATA)
-    def scan_blocks(x, block):
-      return body(block, x)
+    def scan_blocks(x, block, window):
+      return body(block, x, window)
 
-    return scan_blocks(x, self.blocks)
+    return scan_blocks(x, self.blocks, self._windows())
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+  """An empty KV cache for :meth:`Transformer.decode`.
+
+  Args:
+    cfg: the model's config.
+    batch: rows ``B``.
+    length: slots ``S`` (prompt plus generated tokens).
+    dtype: storage dtype of keys and values; default the compute dtype.
+
+  Returns:
+    dict with ``k``, ``v``: ``[L, B, S, K, Dh]`` zeros; ``positions``:
+    ``[B, S]`` int32 ``-1`` (empty); ``index``: int32 0, the next slot.
+  """
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+              positions=jnp.full((batch, length), -1, jnp.int32),
+              index=jnp.zeros((), jnp.int32))
