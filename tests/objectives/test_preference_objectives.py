@@ -1,0 +1,357 @@
+"""Preference objectives on packed batches: layouts, losses, metrics, sharding."""
+
+import functools
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignax import defaults
+from alignax import losses
+from alignax import sharding as shd
+from alignax import state as state_lib
+from alignax import step as step_lib
+from alignax.data import preference_packing as packing
+from alignax.models import ModelConfig
+from alignax.models import layers
+from alignax.objectives import preference as pref
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                  n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=64)
+T = 64
+GRAPHDEF = state_lib.abstract_model(CFG)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def params(seed):
+  return state_lib.init_params(CFG, seed)
+
+
+def examples(n, k, seed=0, num_rewards=0):
+  """Random token examples: prompt 1..9 tokens, responses 1..6 tokens."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    m = k if i % 4 else k - 1  # some lists lack their last response
+    labels = np.zeros(k, np.float32)
+    labels[:m] = rng.permutation(m) if k > 2 else [1, 0][:m]
+    out.append({
+        "index": i, "prompt": list(rng.integers(1, 64, rng.integers(1, 10))),
+        "responses": [list(rng.integers(1, 64, rng.integers(1, 7)))
+                      for _ in range(m)],
+        "labels": labels, "valid": np.arange(k) < m,
+        "rewards": rng.normal(size=(k, num_rewards)).astype(np.float32),
+        "ref_logps": np.zeros(k, np.float32)})
+  return out
+
+
+def packed(exs, k, *, shared=True, rows=8, groups=3, num_rewards=0):
+  layout = packing.Layout(k, groups, num_rewards, shared)
+  ds = grain.MapDataset.source(exs).to_iter_dataset()
+  batches = list(packing.pack_and_batch(ds, layout, seq_len=T, batch_size=rows,
+                                        shuffle_bins=False,
+                                        drop_remainder=False))
+  assert len(batches) == 1, "test data should fill one batch"
+  return batches[0]
+
+
+@jax.jit
+def _logits(p, tokens, segment_ids):
+  return nnx.merge(GRAPHDEF, p)(tokens, segment_ids=segment_ids)
+
+
+def padded_logps(seed, exs, k):
+  """Independent reference: one padded row per response, NumPy log-softmax."""
+  seqs = [(i, j, ex["prompt"] + resp) for i, ex in enumerate(exs)
+          for j, resp in enumerate(ex["responses"])]
+  tokens = np.zeros((len(seqs), T), np.int32)
+  for row, (_, _, seq) in enumerate(seqs):
+    tokens[row, :len(seq)] = seq
+  logits = np.asarray(_logits(params(seed), tokens, (tokens > 0).astype(
+      np.int32)), np.float64)  # [N, T, V]
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+  out = np.zeros((len(exs), k))
+  for row, (i, j, seq) in enumerate(seqs):
+    tok = logp[row, np.arange(len(seq) - 1), seq[1:]]
+    out[i, j] = tok[len(exs[i]["prompt"]) - 1:].sum()
+  return out
+
+
+def run(objective, batch, seed=0, ref_seed=1):
+  """The objective under jit (policy ``seed``, frozen reference ``ref_seed``)."""
+  fn = jax.jit(lambda p, f, b: objective(nnx.merge(GRAPHDEF, p), b, None,
+                                         frozen=f))
+  return fn(params(seed), params(ref_seed), batch)
+
+
+def slot_logps(seed, batch, chunk_size=None):
+  return jax.jit(lambda p, b: pref.slot_logps(
+      nnx.merge(GRAPHDEF, p), b, chunk_size=chunk_size))(params(seed), batch)
+
+
+def by_example(batch, values, k):
+  """``[B, S]`` slot values -> ``[N, K]`` by record index."""
+  n = int(batch["index"].max()) + 1
+  out = np.zeros((n, k))
+  rows, slots = np.nonzero(batch["valid"])
+  out[batch["index"][rows, slots], slots % k] = np.asarray(values)[rows, slots]
+  return out
+
+
+def test_attend_to_mask_matches_loops():
+  seg = np.array([[1, 1, 2, 2, 3, 3, 0], [1, 2, 2, 3, 3, 3, 3]])
+  att = np.array([[0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 2, 2, 2, 2]])
+  prefix = np.zeros_like(seg, bool)
+  mask = np.asarray(layers.make_attention_mask(seg, prefix, att))[:, 0]
+  for b in range(2):
+    for i in range(7):
+      for j in range(7):
+        want = i == j or (j <= i and seg[b, i] != 0 and (
+            seg[b, j] == seg[b, i] or (att[b, i] and seg[b, j] == att[b, i])))
+        assert mask[b, i, j] == want, (b, i, j)
+  # No attend_to: the old mask.
+  np.testing.assert_array_equal(
+      layers.make_attention_mask(seg, prefix),
+      layers.make_attention_mask(seg, prefix, np.zeros_like(seg)))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_packed_logps_equal_padded_layout(shared):
+  exs = examples(9, 3)
+  batch = packed(exs, 3, shared=shared)
+  assert int(batch["valid"].sum()) == 9 * 3 - 3
+  logps, lengths = slot_logps(0, batch)
+  got = by_example(batch, logps, 3)
+  np.testing.assert_allclose(got, padded_logps(0, exs, 3), rtol=2e-5,
+                             atol=2e-4)
+  want_len = [[len(r) for r in ex["responses"]] + [0] * (3 - len(
+      ex["responses"])) for ex in exs]
+  np.testing.assert_array_equal(by_example(batch, lengths, 3), want_len)
+  # Chunked log-probs (the long-sequence path) agree.
+  chunked, _ = slot_logps(0, batch, chunk_size=16)
+  np.testing.assert_allclose(chunked, logps, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompt_saves_tokens_and_equals_separate():
+  exs = examples(9, 3)
+  shared, separate = packed(exs, 3, shared=True), packed(exs, 3, shared=False,
+                                                         groups=3, rows=16)
+  a = by_example(shared, slot_logps(1, shared)[0], 3)
+  b = by_example(separate, slot_logps(1, separate)[0], 3)
+  np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-4)
+  assert (shared["segment_ids"] > 0).sum() < (separate["segment_ids"] > 0).sum()
+
+
+def np_dpo(c, r, rc, rr, beta):
+  z = beta * ((c - rc) - (r - rr))
+  return np.log1p(np.exp(-z))
+
+
+def test_dpo_objective_loss_and_trl_metrics():
+  exs = examples(9, 2)
+  batch = packed(exs, 2)
+  beta = 0.3
+  objective = functools.partial(
+      pref.pairwise_objective, pair_loss=pref.build_pair_loss(_pcfg(beta=beta)),
+      beta=beta, reference="frozen")
+  loss_sum, (count, m) = run(objective, batch)
+  pol, ref = padded_logps(0, exs, 2), padded_logps(1, exs, 2)
+  ok = np.array([len(e["responses"]) == 2 for e in exs])
+  c, r, rc, rr = pol[ok, 0], pol[ok, 1], ref[ok, 0], ref[ok, 1]
+  assert float(count) == ok.sum()
+  np.testing.assert_allclose(loss_sum / count, np_dpo(c, r, rc, rr, beta).mean(),
+                             rtol=1e-4)
+  mean = lambda key: float(m[key][0] / m[key][1])
+  cr, rr_ = beta * (c - rc), beta * (r - rr)
+  np.testing.assert_allclose(mean("rewards/chosen"), cr.mean(), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(mean("rewards/margins"), (cr - rr_).mean(),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(mean("logps/rejected"), r.mean(), rtol=1e-5)
+  assert mean("rewards/accuracies") == pytest.approx((cr > rr_).mean())
+  assert mean("logps/accuracies") == pytest.approx((c > r).mean())
+  # Policy == reference: every implicit reward is exactly 0, loss log 2.
+  loss_sum, (count, m) = run(objective, batch, 0, 0)
+  np.testing.assert_allclose(loss_sum / count, np.log(2.0), rtol=1e-6)
+  assert float(m["rewards/accuracies"][0]) == 0.0  # TRL: ties are wrong
+
+
+def _pcfg(**kw):
+  c = defaults.base_config().preference
+  c.update(kw)
+  return c
+
+
+def _pairs(seed=0, ref_seed=1):
+  exs = examples(9, 2, seed=seed, num_rewards=2)
+  batch = packed(exs, 2, num_rewards=2)
+  lists = jax.jit(lambda p, f, b: pref.gather_lists(
+      nnx.merge(GRAPHDEF, p), b, f, list_size=2, reference="frozen"))(
+          params(seed), params(ref_seed), batch)
+  return pref.to_pairs(lists), batch
+
+
+def test_every_loss_type_and_combinations():
+  p, _ = _pairs()
+  v = np.asarray(p.valid)
+  for name, fn in pref.PAIR_LOSSES.items():
+    out = pref.build_pair_loss(_pcfg(loss_type=name))(p)
+    assert out.shape == v.shape and np.all(np.isfinite(out)), name
+    if name not in ("sft", "aot", "aot_unpaired"):  # those couple the batch
+      args = [np.asarray(x)[v] for x in p[:4]]
+      lens = dict(chosen_lengths=np.asarray(p.chosen_lengths)[v],
+                  rejected_lengths=np.asarray(p.rejected_lengths)[v])
+      kw = {k: lens[k] for k in lens if k in fn.__code__.co_varnames}
+      np.testing.assert_allclose(out[v], fn(*args, beta=0.1, **kw), rtol=1e-5,
+                                 atol=1e-6, err_msg=name)
+  # MPO-style weighted sum; the sft term is TRL's token-mean chosen NLL.
+  mix = pref.build_pair_loss(_pcfg(loss_type="sigmoid, sft",
+                                   loss_weights=(0.8, 1.0)))(p)
+  dpo = pref.build_pair_loss(_pcfg())(p)
+  nll = -np.asarray(p.chosen)[v].sum() / np.asarray(p.chosen_lengths)[v].sum()
+  np.testing.assert_allclose(mix[v].mean(), 0.8 * dpo[v].mean() + nll,
+                             rtol=1e-5)
+  js = pref.build_pair_loss(_pcfg(f_divergence="js_divergence"))(p)
+  c, r = losses.logratios(*p[:4])
+  np.testing.assert_allclose(js, losses.dpo_loss(jax.nn.log_sigmoid(c),
+                                                 jax.nn.log_sigmoid(r), 0., 0.),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_type='sigmod'"):
+    pref.build_pair_loss(_pcfg(loss_type="sigmod"))
+
+
+def test_reference_free_and_modpo_losses():
+  p, _ = _pairs()
+  v = np.asarray(p.valid)
+  c, r = np.asarray(p.chosen)[v], np.asarray(p.rejected)[v]
+  lc, lr = np.asarray(p.chosen_lengths)[v], np.asarray(p.rejected_lengths)[v]
+  nll = -c.sum() / lc.sum()
+  cpo = pref.cpo_pair_loss(p, beta=0.2, label_smoothing=0.0, sft_weight=1.0)
+  np.testing.assert_allclose(np.asarray(cpo)[v].mean(),
+                             np.log1p(np.exp(-0.2 * (c - r))).mean() + nll,
+                             rtol=1e-5)
+  simpo = pref.simpo_pair_loss(p, beta=2.0, gamma=1.0, label_smoothing=0.0,
+                               sft_weight=0.0)
+  z = 2.0 * (c / lc - r / lr) - 1.0
+  np.testing.assert_allclose(np.asarray(simpo)[v], np.log1p(np.exp(-z)),
+                             rtol=1e-5)
+  orpo = pref.orpo_pair_loss(p, beta=0.1)
+  mc, mr = c / lc, r / lr
+  log_odds = (mc - np.log1p(-np.exp(mc))) - (mr - np.log1p(-np.exp(mr)))
+  np.testing.assert_allclose(np.asarray(orpo)[v].mean(),
+                             nll + (0.1 * np.log1p(np.exp(-log_odds))).mean(),
+                             rtol=1e-5)
+  assert np.all(np.isfinite(orpo))  # invalid pairs stay finite
+  # MODPO: one objective is DPO; a reward margin shifts the logit.
+  one = pref.modpo_pair_loss(p, beta=0.1, weights=(1.0, 0.0, 0.0))
+  np.testing.assert_allclose(one, pref.build_pair_loss(_pcfg())(p), rtol=1e-6)
+  two = pref.modpo_pair_loss(p, beta=0.1, weights=(0.5, 0.3, 0.0))
+  rc, rr = np.asarray(p.ref_chosen)[v], np.asarray(p.ref_rejected)[v]
+  margin = 0.3 * (np.asarray(p.chosen_rewards)[v, 0]
+                  - np.asarray(p.rejected_rewards)[v, 0])
+  z = (0.1 * ((c - rc) - (r - rr)) - margin) / 0.5
+  np.testing.assert_allclose(np.asarray(two)[v], np.log1p(np.exp(-z)),
+                             rtol=1e-5)
+
+
+def np_ndcg(scores, labels):
+  order = np.argsort(-scores, kind="stable")
+  gains = 2.0 ** labels - 1
+  dcg = sum(gains[i] / np.log2(2 + rank) for rank, i in enumerate(order))
+  ideal = sum(g / np.log2(2 + rank)
+              for rank, g in enumerate(sorted(gains, reverse=True)))
+  return dcg / ideal
+
+
+def test_lipo_objective_and_ndcg():
+  exs = examples(6, 4, seed=3)
+  batch = packed(exs, 4, groups=2)
+  beta = 0.5
+  objective = functools.partial(
+      pref.listwise_objective, list_loss=losses.lipo_lambda_loss, beta=beta,
+      list_size=4, reference="frozen")
+  loss_sum, (count, m) = run(objective, batch)
+  pol, ref = padded_logps(0, exs, 4), padded_logps(1, exs, 4)
+  scores = beta * (pol - ref)
+  want, nd, acc = [], [], []
+  for i, ex in enumerate(exs):
+    n = len(ex["responses"])
+    s, y = scores[i, :n], ex["labels"][:n]
+    want.append(float(losses.lipo_lambda_loss(s, y)))
+    nd.append(np_ndcg(s, y))
+    acc += [s[a] > s[b] for a in range(n) for b in range(n) if y[a] > y[b]]
+  assert float(count) == len(exs)
+  np.testing.assert_allclose(loss_sum / count, np.mean(want), rtol=1e-4)
+  np.testing.assert_allclose(m["rewards/ndcg"][0] / m["rewards/ndcg"][1],
+                             np.mean(nd), rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/accuracies"][0], np.sum(acc))
+  assert float(m["rewards/accuracies"][1]) == len(acc)
+
+
+def test_kto_objective_matches_formula():
+  exs = examples(8, 2, seed=5)
+  for i, ex in enumerate(exs):
+    ex["labels"] = np.array([i % 2, 0], np.float32)
+  batch = packed(exs, 2)
+  objective = functools.partial(
+      pref.kto_objective, beta=0.1, desirable_weight=1.0,
+      undesirable_weight=2.0, reference="frozen")
+  loss_sum, (count, m) = run(objective, batch)
+  pol, ref = padded_logps(0, exs, 2), padded_logps(1, exs, 2)
+  both = np.array([len(e["responses"]) == 2 for e in exs])
+  kl = max(np.mean(pol[both, 1] - ref[both, 1]), 0.0)
+  rho = pol[:, 0] - ref[:, 0]
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  want = np.where(np.arange(8) % 2, 1 - sig(0.1 * (rho - kl)),
+                  2.0 * (1 - sig(0.1 * (kl - rho))))
+  np.testing.assert_allclose(loss_sum / count, want.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["kl"][0], kl, rtol=1e-4, atol=1e-6)
+
+
+def grads_on(mesh_cfg, devices=None):
+  """The preference step's gradients, policy and reference sharded."""
+  mesh = shd.make_mesh(mesh_cfg, devices)
+  shardings = shd.param_shardings(state_lib.abstract_model(CFG)[1], mesh,
+                                  shd.DEFAULT_RULES)
+  policy, frozen = (jax.device_put(params(s), shardings) for s in (0, 1))
+  objective = functools.partial(
+      pref.pairwise_objective, pair_loss=pref.build_pair_loss(_pcfg()),
+      beta=0.1, reference="frozen")
+  grad_fn = step_lib.make_grad_fn(objective, GRAPHDEF, mesh=mesh)
+  batch = shd.host_to_global(packed(examples(14, 2, seed=7), 2, rows=8), mesh)
+  out = jax.jit(grad_fn)(policy, batch, jax.random.PRNGKey(0), frozen, 1.0)
+  return jax.device_get(out)
+
+
+def test_eight_devices_equal_one_device():
+  one = grads_on({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  eight = grads_on({"data": 2, "fsdp": 2, "tensor": 2})
+  assert float(one[1]) > 8  # several pairs per row
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), one, eight)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(one[0])) > 0
+
+
+def test_from_config_names_bad_fields():
+  c = defaults.base_config()
+  c.objective = "dpo"
+  with pytest.raises(ValueError, match="needs a reference model"):
+    pref.dpo_from_config(c)
+  c.reference = "frozen"
+  c.data.preference.format = "lists"
+  with pytest.raises(ValueError, match="data.preference.format"):
+    pref.dpo_from_config(c)
+  c.data.preference.format = "pairs"
+  assert pref.dpo_from_config(c).keywords["reference"] == "frozen"
+  c.reference = "none"
+  assert pref.simpo_from_config(c).keywords["reference"] == "none"
+  c.data.preference.reward_fields = ("safety",)
+  with pytest.raises(ValueError, match="modpo_weights"):
+    pref.modpo_from_config(c)
+  c.preference.list_loss = "lambdarank"
+  with pytest.raises(ValueError, match="list_loss='lambdarank'"):
+    pref.lipo_from_config(c)
