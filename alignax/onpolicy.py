@@ -1,0 +1,301 @@
+"""On-policy preference rounds: sample K responses, score, align, repeat.
+
+Round ``r`` lives in ``workdir/round_<r>``:
+
+1. the policy is the previous round's final parameters (round 0:
+   ``config.checkpoint.init_from``, or a fresh init when empty);
+2. it samples ``K = data.preference.list_size`` responses for each of
+   ``onpolicy.prompts_per_round`` training prompts (:mod:`alignax.generate`),
+   a reward function scores them, and the round's records are written to
+   ``samples.jsonl`` in the preference record formats of
+   :mod:`alignax.data.preference`: ``lists`` (``prompt/responses/scores``)
+   for ``objective='lipo'``, else ``pairs`` (best against worst response,
+   ties dropped) for DPO and its relatives;
+3. ``train.run`` aligns the policy on that file, starting from it and with
+   it as the frozen reference (iterative DPO: each round's reference is its
+   starting policy).
+
+After each round the policy is evaluated on held-out prompts by greedy
+decoding: mean reward and exact-match rate. Rounds resume: a finished round
+(its checkpoint reached ``train.steps``) is skipped and its metrics are read
+back, an interrupted one resumes from its checkpoints, and its
+``samples.jsonl`` is reused. Every process samples the same records
+(replicated prompts, the same rng); process 0 writes the files, which must
+be on a filesystem all processes read.
+
+The demo task is the embedded docstring -> function-name task
+(:mod:`alignax.data.preference_task`) with its computed reward, the
+similarity of the sampled name to the true one::
+
+  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python -m alignax.onpolicy --config=configs/onpolicy_demo.py \\
+      --workdir=/tmp/alignax_onpolicy
+
+References:
+  Tajwar et al., 2024, Preference Fine-Tuning of LLMs Should Leverage
+  Suboptimal, On-Policy Data; Rosset et al., 2024, Direct Nash Optimization.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from alignax import checkpoint as ckpt_lib
+from alignax import generate as gen
+from alignax import sharding as shd
+from alignax import state as state_lib
+from alignax import train
+from alignax.data import preference_task
+from alignax.data import tokenizer as tok_lib
+
+# Objectives trained on K-lists; every other one gets best/worst pairs.
+LIST_OBJECTIVES = ("lipo",)
+METRICS_FILE = "onpolicy_metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """A prompt and whatever its reward compares against."""
+  text: str
+  target: Any = None
+
+
+class DocstringTask:
+  """The embedded docstring -> name task: prompts and a computed reward.
+
+  A response is cut after its first ``(`` (the offline records' form,
+  ``"name("``) or newline; its reward is ``difflib`` similarity of the name
+  to the true one, 1 for an exact match.
+  """
+
+  stop_strings = ("(", "\n")
+
+  def __init__(self, heldout_fraction: float = 0.02):
+    self._fraction = heldout_fraction
+
+  def _source(self, split, fmt="pairs", list_size=2):
+    return preference_task.DocstringNames(
+        split, fmt, list_size=list_size, repeats=1,
+        heldout_fraction=self._fraction)
+
+  def prompts(self, split: str, n: int, *, seed: int) -> list[Prompt]:
+    """``n`` distinct prompts of ``split``, drawn by ``seed``."""
+    source = self._source(split)
+    order = np.random.default_rng(seed).permutation(len(source))[:n]
+    return [Prompt(*source.candidates(int(i))[:2]) for i in order]
+
+  def clean(self, text: str) -> str:
+    cut = min((text.index(s) + (s == "(") for s in self.stop_strings
+               if s in text), default=len(text))
+    return text[:cut]
+
+  def reward(self, prompt: Prompt, response: str) -> float:
+    return preference_task.similarity(prompt.target,
+                                      response.removesuffix("("))
+
+  def heldout_records(self, fmt: str, list_size: int) -> list[dict]:
+    """The offline held-out records (train.py's eval data)."""
+    source = self._source("eval", fmt, list_size)
+    return [source[i] for i in range(len(source))]
+
+
+def stop_token_ids(tokenizer, strings: Sequence[str],
+                   vocab_size: int) -> tuple[int, ...]:
+  """Ids that end a sample: EOS, base-vocabulary ids whose text contains one
+  of ``strings``, and the model's padding ids past the tokenizer's range."""
+  ids = {tokenizer.eos_id, *range(tokenizer.vocab_size, vocab_size)}
+  for i in range(tokenizer.base_vocab_size):
+    if any(s in tokenizer.decode([i]) for s in strings):
+      ids.add(i)
+  return tuple(sorted(ids))
+
+
+def sample_records(graphdef, params, tokenizer, prompts: Sequence[Prompt],
+                   task, *, k: int, rng, max_prompt_len: int,
+                   max_new_tokens: int, temperature: float = 1.0,
+                   top_p: float = 1.0, batch_size: int = 64,
+                   mesh=None) -> list[dict]:
+  """``K`` scored samples per prompt as ``lists`` records.
+
+  Prompts are tokenized as the preference pipeline does (``[BOS] + ids``,
+  keeping the end); samples stop at EOS or a token holding one of the
+  task's ``stop_strings`` and are cleaned by ``task.clean``.
+  """
+  vocab_size = nnx.merge(graphdef, params).cfg.vocab_size
+  stops = stop_token_ids(tokenizer, task.stop_strings, vocab_size)
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p.text)[-(max_prompt_len - 1):]
+         for p in prompts]
+  flat = [x for x in ids for _ in range(k)]
+  outs = []
+  for start in range(0, len(flat), batch_size):
+    outs += gen.generate(
+        graphdef, params, flat[start:start + batch_size],
+        max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, start),
+        temperature=temperature, top_p=top_p, stop_tokens=stops, mesh=mesh)
+  records = []
+  for i, prompt in enumerate(prompts):
+    texts = [task.clean(tokenizer.decode(
+        [t for t in out if t < tokenizer.vocab_size and t != tokenizer.eos_id]))
+             for out in outs[i * k:(i + 1) * k]]
+    records.append({"prompt": prompt.text, "responses": texts,
+                    "scores": [task.reward(prompt, t) for t in texts]})
+  return records
+
+
+def to_pairs(records: Sequence[dict]) -> list[dict]:
+  """Best against worst response of each list; all-tie lists are dropped."""
+  pairs = []
+  for r in records:
+    scores = np.asarray(r["scores"])
+    if scores.max() > scores.min():
+      pairs.append({"prompt": r["prompt"],
+                    "chosen": r["responses"][int(scores.argmax())],
+                    "rejected": r["responses"][int(scores.argmin())]})
+  return pairs
+
+
+def evaluate(graphdef, params, tokenizer, prompts, task, *, max_prompt_len,
+             max_new_tokens, mesh=None) -> dict[str, float]:
+  """Greedy held-out mean reward and exact-match rate (reward 1)."""
+  records = sample_records(
+      graphdef, params, tokenizer, prompts, task, k=1, rng=jax.random.key(0),
+      max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+      temperature=0.0, mesh=mesh)
+  rewards = np.array([r["scores"][0] for r in records])
+  return {"heldout/mean_reward": float(rewards.mean()),
+          "heldout/exact_match": float((rewards == 1.0).mean())}
+
+
+def _write_jsonl(path, records):
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _finished(round_dir, steps) -> bool:
+  directory = os.path.join(round_dir, "checkpoints")
+  done = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  return steps in done and os.path.exists(os.path.join(round_dir, METRICS_FILE))
+
+
+def _round_config(config, samples, eval_path, policy, fmt):
+  c = copy.deepcopy(config)
+  c.checkpoint.init_from = policy or ""
+  c.reference = "frozen"
+  c.data.source = "jsonl"
+  c.data.paths = (samples,)
+  c.data.eval_paths = (eval_path,)
+  c.data.preference.format = fmt
+  return c
+
+
+class _Policy:
+  """The sampling side: tokenizer, graphdef, mesh and parameter loading."""
+
+  def __init__(self, config, workdir):
+    self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
+    self.model_cfg = train.build_model_config(config.model, self.tokenizer)
+    self.graphdef, abstract = state_lib.abstract_model(self.model_cfg)
+    self.mesh = shd.make_mesh(config.mesh)
+    self.shardings = shd.param_shardings(abstract, self.mesh,
+                                         config.sharding_rules)
+    self.target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        nnx.to_pure_dict(abstract), self.shardings)
+    self.seed = config.seed
+
+  def params(self, path):
+    """A checkpoint's parameters; the run's fresh init when ``path`` is None."""
+    if path is None:
+      return jax.jit(lambda: state_lib.init_params(self.model_cfg, self.seed),
+                     out_shardings=self.shardings)()
+    return ckpt_lib.load_params(path, self.target)
+
+
+def run(config, workdir: str, task=None) -> list[dict[str, float]]:
+  """Runs (or resumes) ``config.onpolicy.rounds`` rounds; per-round metrics.
+
+  The first entry (round -1) evaluates the starting policy; each later one
+  holds the round's last train/eval metrics and its held-out evaluation.
+  """
+  task = task or DocstringTask(config.data.heldout_fraction)
+  op, pref = config.onpolicy, config.data.preference
+  config = copy.deepcopy(config)
+  if not config.tokenizer.cache_dir:  # one tokenizer for all rounds
+    config.tokenizer.cache_dir = os.path.join(workdir, "tokenizer")
+  sampler = _Policy(config, workdir)
+  fmt = "lists" if config.objective in LIST_OBJECTIVES else "pairs"
+  eval_path = os.path.join(workdir, f"eval_{fmt}.jsonl")
+  if not os.path.exists(eval_path):
+    _write_jsonl(eval_path, task.heldout_records(fmt, pref.list_size))
+  heldout = task.prompts("eval", op.eval_prompts, seed=0)
+  eval_kw = dict(max_prompt_len=pref.max_prompt_len,
+                 max_new_tokens=op.max_new_tokens, mesh=sampler.mesh)
+  policy = config.checkpoint.init_from or None
+  params = sampler.params(policy)
+  history = [dict(evaluate(sampler.graphdef, params, sampler.tokenizer,
+                           heldout, task, **eval_kw), round=-1)]
+  for r in range(op.rounds):
+    round_dir = os.path.join(workdir, f"round_{r}")
+    if _finished(round_dir, config.train.steps):
+      with open(os.path.join(round_dir, METRICS_FILE)) as f:
+        history.append(json.load(f))
+      policy = round_dir
+      continue
+    samples = os.path.join(round_dir, "samples.jsonl")
+    if not os.path.exists(samples):
+      records = sample_records(
+          sampler.graphdef, sampler.params(policy), sampler.tokenizer,
+          task.prompts("train", op.prompts_per_round, seed=config.seed + r),
+          task, k=pref.list_size, rng=jax.random.key(config.seed + r),
+          temperature=op.temperature, top_p=op.top_p,
+          batch_size=op.sample_batch, **eval_kw)
+      _write_jsonl(samples, records if fmt == "lists" else to_pairs(records))
+    trainer, last = train.run(
+        _round_config(config, samples, eval_path, policy, fmt), round_dir)
+    metrics = dict(last, round=r, **evaluate(
+        sampler.graphdef, trainer.state.params, sampler.tokenizer, heldout,
+        task, **eval_kw))
+    if jax.process_index() == 0:
+      with open(os.path.join(round_dir, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2)
+    history.append(metrics)
+    policy = round_dir
+  return history
+
+
+def _cli():
+  """``python -m alignax.onpolicy --config=... --workdir=...``."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file("config", None, "Recipe file.")
+  workdir = flags.DEFINE_string("workdir", None, "Root of the rounds.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    for h in run(config.value, workdir.value):
+      print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in h.items()
+                        if k.startswith(("heldout/", "eval/rewards", "round",
+                                         "eval/logps/acc"))}))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()
