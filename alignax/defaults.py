@@ -75,6 +75,41 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.reference = "none"  # none | frozen: the policy's starting params as a frozen model
 
+  c.preference = ml_collections.ConfigDict()  # preference objectives (dpo, lipo, kto, ...)
+  c.preference.beta = 0.1  # inverse temperature of the implicit reward beta*log(pi/pi_ref)
+  c.preference.loss_type = "sigmoid"  # dpo: TRL loss_type, or several joined by commas
+  c.preference.loss_weights = ()  # dpo: weight per loss_type entry (() = all 1)
+  c.preference.label_smoothing = 0.0  # cDPO / robust / aot / cpo / simpo label smoothing
+  c.preference.f_divergence = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+  c.preference.alpha_divergence_coef = 0.5  # alpha of f_divergence='alpha_divergence'
+  c.preference.discopop_tau = 0.05  # temperature of loss_type='discopop'
+  c.preference.simpo_gamma = 0.5  # simpo: target reward margin
+  c.preference.sft_weight = 0.0  # weight of the chosen NLL term (TRL rpo_alpha / cpo_alpha)
+  c.preference.list_loss = "lipo_lambda"  # lipo: lipo_lambda | list_mle | list_softmax | pairwise_logistic | pairwise_hinge
+  c.preference.lambda_normalize = False  # lipo_lambda: divide gains by the ideal DCG
+  c.preference.kto_desirable_weight = 1.0  # kto: lambda_D
+  c.preference.kto_undesirable_weight = 1.0  # kto: lambda_U
+  c.preference.modpo_weights = (1.0,)  # modpo: [w_0, w_1..w_M], M = len(data.preference.reward_fields)
+  c.preference.cache_reference = False  # precompute reference log-probs (reference_cache.prepare)
+  c.preference.reference_cache_dir = ""  # root of reference caches ("" = workdir/reference_cache)
+  c.preference.logps_chunk = 0  # sequence chunk of the log-prob computation (0 = whole rows)
+
+  c.contrastive = ml_collections.ConfigDict()  # contrastive / cafe objectives
+  c.contrastive.loss = "clip"  # clip | siglip | infonce (MNRL: hard negatives as columns) | mv_infonce
+  c.contrastive.pooling = "last"  # last | mean | first token of each text
+  c.contrastive.proj_dim = 0  # linear projection after pooling (0 = none)
+  c.contrastive.normalize = True  # L2-normalise the embeddings
+  c.contrastive.temperature = 0.0  # initial 1/t (0 = the loss's: CLIP 0.07, SigLIP 0.1)
+  c.contrastive.learn_temperature = True  # train the log logit scale
+  c.contrastive.max_logit_scale = 100.0  # clamp of the logit scale t (CLIP's 100)
+  c.contrastive.bias = -10.0  # initial SigLIP bias b
+  c.contrastive.bidirectional = False  # bidirectional attention within each text
+  c.contrastive.matryoshka_dims = ()  # Matryoshka truncation dims (() = off)
+  c.contrastive.chunk_size = 0  # GradCache sub-batch, in texts (0 = no caching)
+  c.contrastive.ring = False  # ring shard_map CLIP/SigLIP over the batch axes
+  c.contrastive.weight = 1.0  # cafe: weight of the contrastive loss
+  c.contrastive.lm_weight = 1.0  # cafe: weight of the LM loss
+
   c.data = ml_collections.ConfigDict()
   c.data.task = "lm"  # key of train.DATA_TASKS: how records become batches
   c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds
@@ -91,6 +126,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.ul2.denoisers = ()  # e.g. ("R(0.15,3)", "X(0.5,64)", "S(0.25)"); () = preset
   c.data.ul2.rates = ()  # mixing weight per denoiser; () = uniform (as the paper)
   c.data.ul2.s_split = "fixed"  # fixed (paper: last 25% target) | uniform (T5)
+  c.data.preference = ml_collections.ConfigDict()  # preference records (data.task='preference')
+  c.data.preference.format = "pairs"  # pairs | lists | binary (see alignax.data.preference)
+  c.data.preference.list_size = 4  # K responses per list (lists; draws of the embedded task)
+  c.data.preference.groups_per_row = 4  # most examples (pairs/lists) packed into one row
+  c.data.preference.shared_prompt = True  # encode each prompt once; responses attend to it
+  c.data.preference.max_prompt_len = 64  # prompt tokens kept, from the end (keep_end)
+  c.data.preference.max_response_len = 64  # response tokens kept, from the start
+  c.data.preference.reward_fields = ()  # modpo: score fields of the other objectives
+  c.data.preference.task_repeats = 4  # embedded task: distractor draws per function
+  c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by prepare)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on first use) | hf
@@ -123,6 +168,17 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
                      f"config.model.max_seq_len={c.model.max_seq_len}")
   if c.reference not in ("none", "frozen"):
     raise ValueError(f"config.reference={c.reference!r}: use 'none' or 'frozen'")
+  p, dp = c.preference, c.data.preference
+  if p.cache_reference and c.reference == "frozen":
+    raise ValueError("config.preference.cache_reference=True replaces the frozen "
+                     "reference: set config.reference='none'")
+  if dp.format not in ("pairs", "lists", "binary"):
+    raise ValueError(f"config.data.preference.format={dp.format!r}: use "
+                     "'pairs', 'lists' or 'binary'")
+  if dp.list_size < 2 or dp.groups_per_row < 1:
+    raise ValueError(f"config.data.preference.list_size={dp.list_size} must be "
+                     f">= 2 and groups_per_row={dp.groups_per_row} >= 1")
+  _validate_contrastive(c, batch_ways)
   from alignax import train  # late import: train imports this module
   if c.objective not in train.OBJECTIVES:
     raise ValueError(f"config.objective={c.objective!r}: known objectives "
@@ -130,3 +186,39 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
   if c.data.task not in train.DATA_TASKS:
     raise ValueError(f"config.data.task={c.data.task!r}: known tasks are "
                      f"{sorted(train.DATA_TASKS)}")
+
+
+def _validate_contrastive(c: ml_collections.ConfigDict, batch_ways: int) -> None:
+  """``config.contrastive`` checks (in-batch negatives need whole batches)."""
+  k = c.contrastive
+  tasks = {"contrastive": ("pairs", "cafe"), "cafe": ("cafe",)}
+  if (c.objective in tasks or c.data.task in ("pairs", "cafe")) and (
+      c.data.task not in tasks.get(c.objective, ())):
+    raise ValueError(f"config.objective={c.objective!r} does not go with "
+                     f"config.data.task={c.data.task!r}: contrastive reads "
+                     "'pairs' or 'cafe' batches, cafe reads 'cafe' batches")
+  if c.objective in ("contrastive", "cafe") and c.train.microbatches != 1:
+    raise ValueError(
+        f"config.train.microbatches={c.train.microbatches}: contrastive losses "
+        "need the whole batch in one step; bound memory with "
+        "config.contrastive.chunk_size (gradient caching) instead")
+  if k.loss not in ("clip", "siglip", "infonce", "mv_infonce"):
+    raise ValueError(f"config.contrastive.loss={k.loss!r}: use clip, siglip, "
+                     "infonce or mv_infonce")
+  if k.pooling not in ("last", "mean", "first"):
+    raise ValueError(f"config.contrastive.pooling={k.pooling!r}: use last, "
+                     "mean or first")
+  if k.ring and (k.loss not in ("clip", "siglip") or k.matryoshka_dims):
+    raise ValueError(f"config.contrastive.ring=True needs loss clip or siglip "
+                     f"without matryoshka_dims, got loss={k.loss!r}, "
+                     f"matryoshka_dims={k.matryoshka_dims}")
+  if k.temperature < 0 or k.chunk_size < 0 or k.proj_dim < 0:
+    raise ValueError(f"config.contrastive: temperature={k.temperature}, "
+                     f"chunk_size={k.chunk_size} and proj_dim={k.proj_dim} "
+                     "must be >= 0")
+  texts = c.train.batch_size * c.data.get("num_views", 2)
+  if k.chunk_size and (texts % k.chunk_size or k.chunk_size % batch_ways):
+    raise ValueError(
+        f"config.contrastive.chunk_size={k.chunk_size} must divide the "
+        f"{texts} texts of a batch (batch_size x data.num_views) and be a "
+        f"multiple of the {batch_ways} data x fsdp ways")

@@ -21,20 +21,34 @@ from tqdm import tqdm
 from alignax import checkpoint as ckpt_lib
 from alignax import defaults
 from alignax import metrics as metrics_lib
+from alignax import retrieval
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax import step as step_lib
+from alignax.data import pairs
 from alignax.data import pipeline
+from alignax.data import preference as preference_data
 from alignax.data import tokenizer as tok_lib
 from alignax.data import ul2_pipeline
 from alignax.models import ModelConfig
+from alignax.objectives import contrastive
 from alignax.objectives import lm
+from alignax.objectives import preference
 from alignax.objectives import ul2 as ul2_objective
 
 # config.objective -> from_config(config) returning
 # objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics)).
 OBJECTIVES = {
     "lm": lm.from_config,
+    "contrastive": contrastive.from_config,
+    "cafe": contrastive.cafe_from_config,
+    "dpo": preference.dpo_from_config,
+    "lipo": preference.lipo_from_config,
+    "kto": preference.kto_from_config,
+    "modpo": preference.modpo_from_config,
+    "orpo": preference.orpo_from_config,
+    "simpo": preference.simpo_from_config,
+    "cpo": preference.cpo_from_config,
     "ul2": ul2_objective.from_config,
 }
 
@@ -42,8 +56,19 @@ OBJECTIVES = {
 # the arguments of pipeline.build_lm_dataset / pipeline.build_eval_batches.
 DATA_TASKS = {
     "lm": (pipeline.build_lm_dataset, pipeline.build_eval_batches),
+    "pairs": (pairs.build_pairs_dataset, pairs.build_pair_eval_batches),
+    "cafe": (pairs.build_cafe_dataset, pairs.build_cafe_eval_batches),
+    "preference": (preference_data.build_preference_dataset,
+                   preference_data.build_preference_eval_batches),
     "ul2": (ul2_pipeline.build_ul2_dataset,
             ul2_pipeline.build_ul2_eval_batches),
+}
+
+# config.data.task -> builder(config, tokenizer, mesh, graphdef) of
+# evaluate(params) -> {name: float}, merged into the held-out metrics.
+EVALUATORS = {
+    "pairs": retrieval.from_config,
+    "cafe": retrieval.from_config,
 }
 
 
@@ -79,10 +104,13 @@ class Trainer:
     self.model_cfg = build_model_config(config.model, self.tokenizer)
     self.optimizer, self.schedule = state_lib.build_optimizer(
         config.optimizer, config.optimizer.schedule_steps or config.train.steps)
+    # None = the plain Transformer; embedding objectives add a head.
+    self.build_model = contrastive.model_builder(config)
     self.graphdef, self.state, self.shardings = state_lib.create_train_state(
         self.model_cfg, self.optimizer, self.mesh, config.sharding_rules,
         seed=config.seed,
-        init_loss_scale=2.0**15 if config.train.loss_scaling else 1.0)
+        init_loss_scale=2.0**15 if config.train.loss_scaling else 1.0,
+        build=self.build_model)
     self.objective = build_objective(config)
     train_step = step_lib.make_train_step(
         self.objective, self.graphdef, self.optimizer, self.schedule,
@@ -100,6 +128,7 @@ class Trainer:
         save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save)
     self._eval_batches = None
+    self._evaluator = None  # EVALUATORS[config.data.task], built on first use
 
   def _make_train_iter(self):
     c = self.config
@@ -124,6 +153,8 @@ class Trainer:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         self.state.params, self.shardings.params)
     params = ckpt_lib.load_params(path, target)
+    # Parameters the checkpoint lacks (a new embedding head) stay fresh.
+    params = state_lib.fill_missing(params, self.state.params)
     opt_state = jax.jit(self.optimizer.init,
                         out_shardings=self.shardings.opt_state)(params)
     self.state = self.state.replace(params=params, opt_state=opt_state)
@@ -142,7 +173,7 @@ class Trainer:
     if latest is None:
       return 0
     target = state_lib.abstract_train_state(self.shardings, self.model_cfg,
-                                            self.optimizer)
+                                            self.optimizer, self.build_model)
     self.state = self.checkpointer.restore(latest, target, self.data_iter)
     logging.info("resumed from step %d", latest)
     return latest
@@ -155,6 +186,12 @@ class Trainer:
     out = acc.result()
     if "loss" in out:
       out["perplexity"] = float(np.exp(out["loss"]))
+    task = self.config.data.task
+    if task in EVALUATORS:
+      if self._evaluator is None:
+        self._evaluator = EVALUATORS[task](self.config, self.tokenizer,
+                                           self.mesh, self.graphdef)
+      out.update(self._evaluator(self.state.params))
     return out
 
   def step(self, batch):
