@@ -17,13 +17,14 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "pyarrow==26.0.1",
+    "safetensors==0.8.0",  # Hugging Face weights: checkpoint.init_from=HF_DIR
     "numpy>=2.0",
 ]
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
     # torch 2.13.0 CPU lies on disk; pip takes it from there.
-    "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0"],
     "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "ipykernel==7.4.0",
                   "nbformat==5.11.1"],
 }

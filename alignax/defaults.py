@@ -35,6 +35,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | dots_saveable | nothing_saveable
   c.model.attention = "fused"  # fused (jax.nn.dot_product_attention) | einsum
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | xla | cudnn
+  # Family fields (see models.ModelConfig); an imported Hugging Face model
+  # (checkpoint.init_from=HF_DIR) sets them from its config.json.
+  c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+  c.model.qk_norm = False  # RMSNorm on q and k per head (Qwen3)
+  c.model.norm_offset = 0.0  # RMSNorm multiplies by scale + offset (Gemma: 1)
+  c.model.mlp_activation = "silu"  # gate nonlinearity: silu | gelu_tanh | gelu
+  c.model.embed_scale = False  # embeddings times sqrt(d_model) (Gemma)
+  c.model.post_norms = False  # norms on the attention/MLP outputs too (Gemma 2)
+  c.model.attn_scale = 0.0  # query-key scale (0 = 1/sqrt(head_dim))
+  c.model.attn_logit_softcap = 0.0  # c*tanh(s/c) on attention scores (0 = off)
+  c.model.final_logit_softcap = 0.0  # the same on the output logits (0 = off)
+  c.model.layer_windows = ()  # sliding window per layer (() = all full, 0 = full)
+  c.model.rope_scaling = "none"  # none | linear | llama3
+  c.model.rope_factor = 1.0  # context-extension factor of linear/llama3
+  c.model.rope_low_freq_factor = 1.0  # llama3 low-frequency factor
+  c.model.rope_high_freq_factor = 4.0  # llama3 high-frequency factor
+  c.model.rope_original_max_len = 8192  # llama3 pretraining context length
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data-parallel ways

@@ -57,6 +57,7 @@ from alignax import state as state_lib
 from alignax import train
 from alignax.data import preference_task
 from alignax.data import tokenizer as tok_lib
+from alignax.interop import hf
 
 # Objectives trained on K-lists; every other one gets best/worst pairs.
 LIST_OBJECTIVES = ("lipo",)
@@ -215,13 +216,16 @@ class _Policy:
     self.target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         nnx.to_pure_dict(abstract), self.shardings)
-    self.seed = config.seed
+    self.seed, self.rules = config.seed, config.sharding_rules
 
   def params(self, path):
     """A checkpoint's parameters; the run's fresh init when ``path`` is None."""
     if path is None:
       return jax.jit(lambda: state_lib.init_params(self.model_cfg, self.seed),
                      out_shardings=self.shardings)()
+    if hf.is_hf_dir(path):
+      return hf.load_hf(path, mesh=self.mesh, rules=self.rules,
+                        vocab_size=self.model_cfg.vocab_size)[1]
     return ckpt_lib.load_params(path, self.target)
 
 
@@ -233,7 +237,7 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
   """
   task = task or DocstringTask(config.data.heldout_fraction)
   op, pref = config.onpolicy, config.data.preference
-  config = copy.deepcopy(config)
+  config = hf.run_config(copy.deepcopy(config))  # an HF init_from's model
   if not config.tokenizer.cache_dir:  # one tokenizer for all rounds
     config.tokenizer.cache_dir = os.path.join(workdir, "tokenizer")
   sampler = _Policy(config, workdir)

@@ -30,6 +30,7 @@ from alignax.data import pipeline
 from alignax.data import preference as preference_data
 from alignax.data import tokenizer as tok_lib
 from alignax.data import ul2_pipeline
+from alignax.interop import hf
 from alignax.models import ModelConfig
 from alignax.objectives import contrastive
 from alignax.objectives import lm
@@ -95,6 +96,8 @@ class Trainer:
   """Holds what the loop needs; tests drive it step by step."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    # An HF directory in checkpoint.init_from brings its model and tokenizer.
+    config = hf.run_config(config)
     self.config, self.workdir = config, workdir
     self.mesh = shd.make_mesh(config.mesh)
     self.batch_ways = shd.global_batch_size(self.mesh)
@@ -148,11 +151,22 @@ class Trainer:
     return self._eval_batches
 
   def _init_from(self, path: str) -> None:
-    """Replaces the fresh parameters by a checkpoint's (new optimizer state)."""
+    """Replaces the fresh parameters by a checkpoint's (new optimizer state).
+
+    ``path`` is an alignax run, step or import directory, or a Hugging Face
+    model directory (streamed onto the mesh by ``interop.hf.load_hf``).
+    """
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         self.state.params, self.shardings.params)
-    params = ckpt_lib.load_params(path, target)
+    if hf.is_hf_dir(path):
+      _, loaded = hf.load_hf(
+          path, mesh=self.mesh, rules=self.config.sharding_rules,
+          param_dtype=self.model_cfg.param_dtype,
+          vocab_size=self.model_cfg.vocab_size)
+      params = {k: loaded.get(k, v) for k, v in target.items()}
+    else:
+      params = ckpt_lib.load_params(path, target)
     # Parameters the checkpoint lacks (a new embedding head) stay fresh.
     params = state_lib.fill_missing(params, self.state.params)
     opt_state = jax.jit(self.optimizer.init,

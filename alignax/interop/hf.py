@@ -14,7 +14,9 @@ order), which is alignax's, so q/k are reshaped and transposed only.
 
 Command line::
 
-  python -m alignax.interop.hf import HF_DIR WORKDIR
+  python launch/tpu_train.py --config=configs/dpo_demo.py \\
+      --config.checkpoint.init_from=HF_DIR      # import on the fly
+  python -m alignax.interop.hf import HF_DIR WORKDIR   # or once, to orbax
   python launch/tpu_train.py --config=configs/dpo_demo.py \\
       --config.checkpoint.init_from=WORKDIR <the printed --config.model flags>
   python -m alignax.interop.hf export RUN_WORKDIR OUT_DIR --like=HF_DIR
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import glob
 import json
@@ -233,7 +236,8 @@ def read_hf_config(directory: str) -> dict:
 
 def load_hf(directory: str, *, mesh=None, rules=shd.DEFAULT_RULES,
             dtype: str = 'float32', param_dtype: str = 'float32',
-            max_seq_len: int | None = None) -> tuple[ModelConfig, dict]:
+            max_seq_len: int | None = None,
+            vocab_size: int | None = None) -> tuple[ModelConfig, dict]:
   """Imports a local Hugging Face causal-LM directory onto a mesh.
 
   Args:
@@ -243,6 +247,10 @@ def load_hf(directory: str, *, mesh=None, rules=shd.DEFAULT_RULES,
     dtype: compute dtype of the returned config.
     param_dtype: storage dtype of the parameters (alignax trains in fp32).
     max_seq_len: override of ``max_position_embeddings``.
+    vocab_size: grow the vocabulary to this many ids (for ids the tokenizer
+      reserves beyond the checkpoint's); new embedding and LM-head rows start
+      at the mean of the existing ones, as ``transformers``'
+      ``resize_token_embeddings`` does. Default: the checkpoint's.
 
   Returns:
     ``(ModelConfig, params)`` with params a pure dict (``nnx.to_pure_dict``
@@ -255,13 +263,16 @@ def load_hf(directory: str, *, mesh=None, rules=shd.DEFAULT_RULES,
   cfg = hf_config.model_config_from_hf(
       read_hf_config(directory), dtype=dtype, param_dtype=param_dtype,
       max_seq_len=max_seq_len)
+  specs = tensor_specs(cfg)
+  if vocab_size is not None and vocab_size != cfg.vocab_size:
+    specs = _grown_vocab_specs(specs, cfg.vocab_size, vocab_size, directory)
+    cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
   mesh = mesh if mesh is not None else shd.make_mesh({'fsdp': -1})
   _, abstract = state_lib.abstract_model(cfg)
   shapes = nnx.to_pure_dict(abstract)
   shardings = shd.param_shardings(abstract, mesh, rules)
   params = {}
   with _SafetensorsDir(directory) as source:
-    specs = tensor_specs(cfg)
     _check_names(source, specs, cfg)
     for spec in specs:
       shape = _tree_get(shapes, spec.path).shape
@@ -272,6 +283,76 @@ def load_hf(directory: str, *, mesh=None, rules=shd.DEFAULT_RULES,
   if jax.tree.structure(params) != jax.tree.structure(shapes):
     raise AssertionError('tensor_specs do not cover the model parameters.')
   return cfg, params
+
+
+# Vocabulary axis of the parameters that have one (embed [V, D], lm_head [D, V]).
+_VOCAB_AXES = {('embed', 'embedding'): 0, ('lm_head',): 1}
+
+
+def _grown_vocab_specs(specs, old: int, new: int, directory: str):
+  """``specs`` whose vocabulary tensors gain ``new - old`` mean-valued rows."""
+  if new < old:
+    raise ValueError(
+        f'{directory}: vocab_size={new} is smaller than the checkpoint\'s '
+        f'{old}; alignax can grow a vocabulary, not cut one.')
+
+  def grow(to_alignax, axis):
+    def convert(w):
+      w = to_alignax(w)
+      mean = w.mean(axis=axis, keepdims=True)
+      return np.concatenate(
+          [w, np.repeat(mean, new - old, axis=axis).astype(w.dtype)], axis)
+    return convert
+
+  return [dataclasses.replace(s, to_alignax=grow(s.to_alignax,
+                                                 _VOCAB_AXES[s.path]))
+          if s.path in _VOCAB_AXES else s for s in specs]
+
+
+def is_hf_dir(path: str) -> bool:
+  """True for a local Hugging Face model directory (``config.json`` and
+  ``*.safetensors``), which ``checkpoint.init_from`` accepts."""
+  return bool(path) and os.path.isfile(os.path.join(path, 'config.json')) and (
+      bool(glob.glob(os.path.join(path, '*.safetensors'))))
+
+
+# config.model fields that a run chooses for itself; an imported model's
+# config.json sets every other one.
+RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'attention_impl')
+
+
+def run_config(config):
+  """``config`` for a run that starts from an HF directory, else ``config``.
+
+  When ``config.checkpoint.init_from`` is a Hugging Face directory, returns
+  a copy whose ``config.model`` describes that model (from its
+  ``config.json``; command-line model overrides other than ``RUN_FIELDS``
+  are replaced) and whose tokenizer is the directory's ``tokenizer.json``
+  (unless ``tokenizer.kind='hf'`` names another), with no sentinels and a
+  vocabulary grown to the ids the tokenizer reserves (see :func:`load_hf`).
+  """
+  path = config.checkpoint.init_from
+  if not is_hf_dir(path):
+    return config
+  from alignax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  c = copy.deepcopy(config)
+  cfg = hf_config.model_config_from_hf(read_hf_config(path))
+  if not (c.tokenizer.kind == 'hf' and c.tokenizer.path):
+    c.tokenizer.kind = 'hf'
+    c.tokenizer.path = os.path.join(path, 'tokenizer.json')
+    if not os.path.isfile(c.tokenizer.path):
+      raise FileNotFoundError(
+          f'{path}: no tokenizer.json; pass --config.tokenizer.kind=hf '
+          '--config.tokenizer.path=<tokenizer.json>')
+  c.tokenizer.num_sentinels = 0  # the checkpoint was not trained with them
+  needed = tok_lib.load_hf_tokenizer(c.tokenizer.path, 0).vocab_size
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in RUN_FIELDS:
+      c.model[field.name] = getattr(cfg, field.name)
+  c.model.vocab_size = max(cfg.vocab_size, needed)
+  if cfg.attention == 'einsum':  # soft-capped attention (Gemma 2)
+    c.model.attention = 'einsum'
+  return c
 
 
 def _reader(source, spec, shape):
