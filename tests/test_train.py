@@ -122,3 +122,36 @@ def test_init_from_and_frozen_reference(tok_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     c.checkpoint.init_from = str(tmp_path / "missing")
     train.run(c, str(tmp_path / "d"))
+
+
+def test_sigterm_saves_stops_and_resumes_exactly(tok_dir, tmp_path, monkeypatch):
+  """A preemption notice (SIGTERM) mid-run: save that step, stop, resume."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread")
+  straight, _ = train.run(tiny_config(tok_dir, save_every=100),
+                          str(tmp_path / "a"))
+  step = train.Trainer.step
+
+  def step_then_preempt(self, batch):
+    out = step(self, batch)
+    if int(self.state.step) == 3:  # the notice arrives during step 3
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(train.Trainer, "step", step_then_preempt)
+  c = tiny_config(tok_dir, steps=6)
+  c.optimizer.schedule_steps = 4  # the straight run's schedule
+  c.checkpoint.save_every = 100  # only the preemption save
+  stopped, last = train.run(c, str(tmp_path / "b"))
+  assert stopped.checkpointer.latest_step() == 3
+  assert int(stopped.state.step) == 3 and last["step"] == 2
+  monkeypatch.setattr(train.Trainer, "step", step)
+  # The default handler is back: the run is not left deaf to a real SIGTERM.
+  assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or (
+      signal.getsignal(signal.SIGTERM) is not None)
+  resumed, _ = train.run(tiny_config(tok_dir, save_every=100),
+                         str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, final_params(straight),
+               final_params(resumed))
