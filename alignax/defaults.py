@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.sft_weight = 0.0  # weight of the chosen NLL term (TRL rpo_alpha / cpo_alpha)
   c.preference.list_loss = "lipo_lambda"  # lipo: lipo_lambda | list_mle | list_softmax | pairwise_logistic | pairwise_hinge
   c.preference.lambda_normalize = False  # lipo_lambda: divide gains by the ideal DCG
+  c.preference.reward_center_coef = 0.0  # reward_model: TRL center_rewards_coefficient
   c.preference.kto_desirable_weight = 1.0  # kto: lambda_D
   c.preference.kto_undesirable_weight = 1.0  # kto: lambda_U
   c.preference.modpo_weights = (1.0,)  # modpo: [w_0, w_1..w_M], M = len(data.preference.reward_fields)

@@ -31,6 +31,17 @@ similarity of the sampled name to the true one::
   python -m alignax.onpolicy --config=configs/onpolicy_demo.py \\
       --workdir=/tmp/alignax_onpolicy
 
+or a learned reward: a reward model (``objective='reward_model'``, the
+backbone plus a scalar head trained with the Bradley–Terry loss on
+preference pairs) named by ``onpolicy.reward_model`` scores the samples
+instead (:class:`RewardModelScorer`); the held-out evaluation keeps the
+task's own reward, the ground truth the learned one approximates::
+
+  python launch/tpu_train.py --config=configs/dpo_demo.py --workdir=/tmp/rm \\
+      --config.objective=reward_model --config.reference=none
+  python -m alignax.onpolicy --config=configs/onpolicy_demo.py \\
+      --workdir=/tmp/alignax_onpolicy_rm --config.onpolicy.reward_model=/tmp/rm
+
 References:
   Tajwar et al., 2024, Preference Fine-Tuning of LLMs Should Leverage
   Suboptimal, On-Policy Data; Rosset et al., 2024, Direct Nash Optimization.
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -58,6 +70,7 @@ from alignax import train
 from alignax.data import preference_task
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf
+from alignax.models import heads
 
 # Objectives trained on K-lists; every other one gets best/worst pairs.
 LIST_OBJECTIVES = ("lipo",)
@@ -153,6 +166,64 @@ def sample_records(graphdef, params, tokenizer, prompts: Sequence[Prompt],
   return records
 
 
+class RewardModelScorer:
+  """Scores sampled responses with a trained reward model's checkpoint.
+
+  The reward model (``objective='reward_model'``, a
+  :class:`~alignax.models.heads.RewardModel`) must share the policy's
+  tokenizer and ``config.model``; each response is scored as the row
+  ``[BOS] + prompt + response`` (no EOS), truncated as the preference
+  pipeline truncates, i.e. at the position its training read.
+  """
+
+  def __init__(self, config, path: str, tokenizer, mesh=None):
+    self._tok, self._pref = tokenizer, config.data.preference
+    cfg = train.build_model_config(config.model, tokenizer)
+    self._graphdef, abstract = state_lib.abstract_model(cfg, heads.RewardModel)
+    mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+    shardings = shd.param_shardings(abstract, mesh, config.sharding_rules)
+    target = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        nnx.to_pure_dict(abstract), shardings)
+    self._params = ckpt_lib.load_params(path, target)
+    self._rows = shd.global_batch_size(mesh)
+
+  def _row(self, prompt: str, response: str) -> list[int]:
+    prompt_ids = [self._tok.bos_id] + self._tok.encode(prompt)
+    keep = int(self._pref.max_prompt_len)
+    if len(prompt_ids) > keep:
+      prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
+    return prompt_ids + self._tok.encode(response)[
+        :int(self._pref.max_response_len) - 1]
+
+  def rescore(self, records: Sequence[dict], batch_size: int = 64) -> list[dict]:
+    """``records`` (``prompt``/``responses``) with reward-model ``scores``."""
+    rows = [self._row(r["prompt"], t) for r in records for t in r["responses"]]
+    scores = []
+    batch_size = -(-batch_size // self._rows) * self._rows
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      length = gen.bucket_length(max(map(len, chunk)),
+                                 gen.DEFAULT_LENGTH_BUCKETS)
+      tokens = np.zeros((batch_size, length), np.int32)
+      segments = np.zeros_like(tokens)
+      for i, row in enumerate(chunk):
+        tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+      scores += np.asarray(_score(self._graphdef, self._params, tokens,
+                                  segments))[:len(chunk)].tolist()
+    out, i = [], 0
+    for r in records:
+      k = len(r["responses"])
+      out.append(dict(r, scores=scores[i:i + k]))
+      i += k
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, params, tokens, segment_ids):
+  return nnx.merge(graphdef, params).score(tokens, segment_ids)
+
+
 def to_pairs(records: Sequence[dict]) -> list[dict]:
   """Best against worst response of each list; all-tie lists are dropped."""
   pairs = []
@@ -241,6 +312,8 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
   if not config.tokenizer.cache_dir:  # one tokenizer for all rounds
     config.tokenizer.cache_dir = os.path.join(workdir, "tokenizer")
   sampler = _Policy(config, workdir)
+  scorer = (RewardModelScorer(config, op.reward_model, sampler.tokenizer,
+                              sampler.mesh) if op.reward_model else None)
   fmt = "lists" if config.objective in LIST_OBJECTIVES else "pairs"
   eval_path = os.path.join(workdir, f"eval_{fmt}.jsonl")
   if not os.path.exists(eval_path):
@@ -267,6 +340,8 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
           task, k=pref.list_size, rng=jax.random.key(config.seed + r),
           temperature=op.temperature, top_p=op.top_p,
           batch_size=op.sample_batch, **eval_kw)
+      if scorer is not None:  # the learned reward replaces the task's
+        records = scorer.rescore(records, op.sample_batch)
       _write_jsonl(samples, records if fmt == "lists" else to_pairs(records))
     trainer, last = train.run(
         _round_config(config, samples, eval_path, policy, fmt), round_dir)

@@ -35,6 +35,7 @@ from alignax.models import ModelConfig
 from alignax.objectives import contrastive
 from alignax.objectives import lm
 from alignax.objectives import preference
+from alignax.objectives import reward
 from alignax.objectives import ul2 as ul2_objective
 
 # config.objective -> from_config(config) returning
@@ -50,6 +51,7 @@ OBJECTIVES = {
     "orpo": preference.orpo_from_config,
     "simpo": preference.simpo_from_config,
     "cpo": preference.cpo_from_config,
+    "reward_model": reward.from_config,
     "ul2": ul2_objective.from_config,
 }
 
@@ -107,8 +109,10 @@ class Trainer:
     self.model_cfg = build_model_config(config.model, self.tokenizer)
     self.optimizer, self.schedule = state_lib.build_optimizer(
         config.optimizer, config.optimizer.schedule_steps or config.train.steps)
-    # None = the plain Transformer; embedding objectives add a head.
-    self.build_model = contrastive.model_builder(config)
+    # None = the plain Transformer; embedding and reward objectives add a head.
+    self.build_model = (reward.model_builder(config)
+                        if config.objective == "reward_model"
+                        else contrastive.model_builder(config))
     self.graphdef, self.state, self.shardings = state_lib.create_train_state(
         self.model_cfg, self.optimizer, self.mesh, config.sharding_rules,
         seed=config.seed,

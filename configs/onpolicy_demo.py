@@ -51,4 +51,5 @@ def get_config(arg=None):
   c.onpolicy.top_p = 1.0  # nucleus sampling mass (1 = off)
   c.onpolicy.sample_batch = 128  # sequences per generate call
   c.onpolicy.eval_prompts = 256  # held-out prompts of the greedy evaluation
+  c.onpolicy.reward_model = ""  # reward-model workdir ("" = the task's reward)
   return c

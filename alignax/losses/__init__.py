@@ -31,6 +31,7 @@ from alignax.losses._unpaired import kto_loss
 from alignax.losses._unpaired import bco_loss
 from alignax.losses._unpaired import bco_running_mean_update
 from alignax.losses._unpaired import npo_loss
+from alignax.losses._unpaired import bradley_terry_loss
 from alignax.losses._listwise import lipo_lambda_weights
 from alignax.losses._listwise import lipo_lambda_loss
 from alignax.losses._listwise import pairwise_logistic_loss

@@ -237,3 +237,34 @@ def npo_loss(logps: Array, ref_logps: Array, *, beta: float = 0.1) -> Array:
   """
   logps, ref_logps = check_shapes(("logps", "ref_logps"), logps, ref_logps)
   return -(2.0 / beta) * jax.nn.log_sigmoid(-beta * (logps - ref_logps))
+
+
+def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array, *,
+                       margin: Array | float = 0.0,
+                       center_coef: float = 0.0) -> Array:
+  r"""Bradley–Terry reward-model loss (TRL ``RewardTrainer``).
+
+  .. math:: \ell_i = -\log\sigma(r^c_i - r^r_i - m_i) + \lambda\,(r^c_i + r^r_i)^2
+
+  Args:
+    chosen_rewards, rejected_rewards: ``[B]`` scalar rewards of the preferred
+      and dispreferred responses.
+    margin: ``[B]`` or scalar margin ``m`` the preferred reward must win by
+      (Llama 2's preference-strength margin); 0 = plain Bradley–Terry.
+    center_coef: :math:`\lambda`, TRL's ``center_rewards_coefficient``
+      (keeps rewards centred at 0); 0 = off.
+
+  Returns:
+    ``[B]`` per-pair losses.
+
+  References:
+    Bradley & Terry, *Rank Analysis of Incomplete Block Designs*, 1952;
+    Ouyang et al., *Training language models to follow instructions with
+    human feedback*, 2022.
+  """
+  chosen_rewards, rejected_rewards = check_shapes(
+      ("chosen_rewards", "rejected_rewards"), chosen_rewards, rejected_rewards)
+  loss = -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards - margin)
+  if center_coef:
+    loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
+  return loss

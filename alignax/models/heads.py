@@ -237,3 +237,45 @@ class EmbeddingModel(Transformer):
              prefix=segment_ids > 0 if bidirectional else None,
              return_hidden=True)  # [N, T, D]
     return self.head(h[:, None], segment_masks(segment_ids, num_segments))
+
+
+class RewardModel(Transformer):
+  r"""The transformer with a scalar reward head (a Bradley–Terry reward model).
+
+  .. math:: r(x, y) = w^\top h_t + b
+
+  with ``h_t`` the final hidden state at the last token of the response
+  (the one whose target is EOS in the preference batches, i.e. the position
+  that has read the whole prompt and response). The parameter tree is the
+  transformer's plus ``reward_head`` and ``reward_bias`` (both zero at init,
+  so every reward starts at 0), so an LM checkpoint initialises the backbone.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.reward_head = layers.partitioned_param(
+        rngs, nnx.initializers.zeros_init(), (cfg.d_model,), ('embed',), pdt)
+    self.reward_bias = nnx.Param(jnp.zeros((), pdt))
+
+  def rewards_from_hidden(self, hidden):
+    """``[..., D]`` hidden states -> ``[...]`` float32 rewards."""
+    f32 = layers.at_least_f32(hidden.dtype)
+    return (jnp.einsum('...d,d->...', hidden.astype(f32),
+                       self.reward_head[...].astype(f32))
+            + self.reward_bias[...].astype(f32))
+
+  def score(self, tokens, segment_ids):
+    """Rewards of padded rows (prompt + response, no EOS), one per row.
+
+    Args:
+      tokens: ``[N, T]`` int ids, padded on either side.
+      segment_ids: ``[N, T]`` int, nonzero on the text, 0 on padding.
+
+    Returns:
+      ``[N]`` float32 rewards, read at each row's last text token.
+    """
+    mask = segment_ids > 0
+    h = self(tokens, positions=positions_from_mask(mask),
+             segment_ids=segment_ids, return_hidden=True)  # [N, T, D]
+    return self.rewards_from_hidden(last_pool(h, mask))

@@ -1,0 +1,64 @@
+"""Reward-model objective: Bradley–Terry on packed preference pairs.
+
+The model is :class:`alignax.models.heads.RewardModel` (the backbone plus a
+scalar head); a response's reward is read at its last token (see there).
+Batches are the preference pairs of :mod:`alignax.data.preference_packing`
+(slot 0 chosen, slot 1 rejected), so shared-prompt packing and every
+preference data format that yields pairs work unchanged. Metrics follow
+TRL's ``RewardTrainer``: ``accuracy`` (ties count as wrong), plus the mean
+chosen / rejected reward and margin.
+"""
+
+import functools
+
+import jax.numpy as jnp
+
+from alignax import losses
+from alignax.objectives import preference
+
+
+def slot_rewards(model, batch):
+  """Reward of every response slot, ``[B, S]`` (0 for empty slots)."""
+  hidden = model(batch["inputs"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"], prefix=batch["prefix"],
+                 attend_to=batch["attend_to"], return_hidden=True)  # [B, T, D]
+  per_token = model.rewards_from_hidden(hidden)  # [B, T]
+  num_slots = batch["labels"].shape[1]
+  onehot = ((batch["slot"][..., None] == jnp.arange(num_slots))
+            & (batch["weights"][..., None] != 0))  # [B, T, S]
+  pos = jnp.arange(per_token.shape[1])[None, :, None]
+  last = jnp.max(jnp.where(onehot, pos, -1), axis=1)  # [B, S]
+  picked = jnp.take_along_axis(per_token, jnp.maximum(last, 0), axis=1)
+  return jnp.where(last >= 0, picked, 0.0)
+
+
+def reward_objective(model, batch, rng, *, frozen=None, center_coef=0.0):
+  """Bradley–Terry loss of chosen over rejected, summed over valid pairs."""
+  del rng, frozen  # deterministic; no reference model
+  r = slot_rewards(model, batch)  # [B, S]
+  pairs = r.reshape(-1, 2)  # [B * G, 2]
+  valid = batch["valid"].astype(bool).reshape(-1, 2).all(-1)
+  chosen, rejected = pairs[:, 0], pairs[:, 1]
+  per_pair = losses.bradley_terry_loss(chosen, rejected,
+                                       center_coef=center_coef)
+  mean_of = preference._mean_of  # pylint: disable=protected-access
+  metrics = {"reward/accuracy": mean_of(chosen > rejected, valid),
+             "reward/chosen": mean_of(chosen, valid),
+             "reward/rejected": mean_of(rejected, valid),
+             "reward/margin": mean_of(chosen - rejected, valid)}
+  return preference._reduce(per_pair, valid, metrics)  # pylint: disable=protected-access
+
+
+def from_config(config):
+  """The Bradley–Terry objective; reads pairs (``data.preference.format``)."""
+  preference._check_format(config, "pairs")  # pylint: disable=protected-access
+  return functools.partial(reward_objective,
+                           center_coef=config.preference.reward_center_coef)
+
+
+def model_builder(config):
+  """``RewardModel`` for ``state.create_train_state``."""
+  del config
+  from alignax.models import heads  # pylint: disable=g-import-not-at-top
+  return heads.RewardModel
+
