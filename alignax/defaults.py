@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.alpha_divergence_coef = 0.5  # alpha of f_divergence='alpha_divergence'
   c.preference.discopop_tau = 0.05  # temperature of loss_type='discopop'
   c.preference.simpo_gamma = 0.5  # simpo: target reward margin
-  c.preference.sft_weight = 0.0  # weight of the chosen NLL term (TRL rpo_alpha / cpo_alpha)
+  c.preference.sft_weight = 0.0  # chosen NLL weight (TRL rpo_alpha / cpo_alpha; npo: retain NLL)
   c.preference.list_loss = "lipo_lambda"  # lipo: lipo_lambda | list_mle | list_softmax | pairwise_logistic | pairwise_hinge
   c.preference.lambda_normalize = False  # lipo_lambda: divide gains by the ideal DCG
   c.preference.reward_center_coef = 0.0  # reward_model: TRL center_rewards_coefficient

@@ -38,6 +38,8 @@ class TrainState:
     rng: uint32 ``[2]`` key, split once per step.
     loss_scale: float32 scalar; 1 unless dynamic loss scaling is on (fp16).
     good_steps: int32 scalar, finite steps since the scale last changed.
+    extras: dict of replicated arrays a stateful objective keeps across
+      steps (e.g. BCO's running reward mean); empty for the others.
   """
   step: jax.Array
   params: Any
@@ -45,6 +47,7 @@ class TrainState:
   rng: jax.Array
   loss_scale: jax.Array
   good_steps: jax.Array
+  extras: Any = flax.struct.field(default_factory=dict)
 
 
 def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -117,11 +120,13 @@ def fill_missing(restored, fresh):
                       is_leaf=is_missing)
 
 
-def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape):
+def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape,
+                    extras=None):
   """Shardings of a ``TrainState`` whose params are sharded as given.
 
   Optimizer moments follow their parameter (``optax.tree_map_params``);
-  counters and the rng are replicated.
+  counters, the rng and ``extras`` (a tree of arrays or shapes) are
+  replicated.
   """
   rep = shd.replicated(mesh)
   opt_shape = jax.eval_shape(optimizer.init, params_shape)
@@ -130,33 +135,39 @@ def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape):
       transform_non_params=lambda _: rep,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=rep, params=params_sharding, opt_state=opt_sharding,
-                    rng=rep, loss_scale=rep, good_steps=rep)
+                    rng=rep, loss_scale=rep, good_steps=rep,
+                    extras=jax.tree.map(lambda _: rep, extras or {}))
 
 
 def create_train_state(model_cfg: ModelConfig, optimizer, mesh: Mesh, rules,
-                       *, seed: int, init_loss_scale: float = 1.0, build=None):
+                       *, seed: int, init_loss_scale: float = 1.0, build=None,
+                       extras=None):
   """Builds ``(graphdef, state, shardings)`` with every array born sharded.
 
-  ``build`` makes the model module (see :func:`abstract_model`).
+  ``build`` makes the model module (see :func:`abstract_model`); ``extras``
+  is the objective's initial state (``objective.init_extras()``), if any.
   """
   graphdef, abstract = abstract_model(model_cfg, build)
   params_sharding = shd.param_shardings(abstract, mesh, rules)
   params_shape = nnx.to_pure_dict(abstract)
-  shardings = state_shardings(params_sharding, optimizer, mesh, params_shape)
+  extras = extras or {}
+  shardings = state_shardings(params_sharding, optimizer, mesh, params_shape,
+                              extras)
 
   def init(seed):
     params = init_params(model_cfg, seed, build)
     return TrainState(
         step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
         rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
-        loss_scale=jnp.float32(init_loss_scale), good_steps=jnp.int32(0))
+        loss_scale=jnp.float32(init_loss_scale), good_steps=jnp.int32(0),
+        extras=extras)
 
   state = jax.jit(init, out_shardings=shardings)(seed)
   return graphdef, state, shardings
 
 
 def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
-                         optimizer, build=None) -> TrainState:
+                         optimizer, build=None, extras=None) -> TrainState:
   """``ShapeDtypeStruct`` tree of a ``TrainState`` carrying ``shardings``.
 
   Orbax restores onto this target, so a checkpoint written on one mesh loads
@@ -169,7 +180,8 @@ def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
       opt_state=jax.eval_shape(optimizer.init, params_shape),
       rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
       loss_scale=jax.ShapeDtypeStruct((), jnp.float32),
-      good_steps=jax.ShapeDtypeStruct((), jnp.int32))
+      good_steps=jax.ShapeDtypeStruct((), jnp.int32),
+      extras=jax.eval_shape(lambda: extras or {}))
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, shardings)

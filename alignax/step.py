@@ -1,7 +1,9 @@
 """One train-step skeleton for every path, and its eval twin.
 
 ``objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics))``
-(see ``alignax.objectives.lm``). The step differentiates ``loss_sum`` per
+(see ``alignax.objectives.lm``). A stateful objective also has
+``init_extras()`` and ``update_extras(extras, metrics)``: it is called with
+``extras=state.extras`` and the step stores the updated tree in the state. The step differentiates ``loss_sum`` per
 microbatch, sums gradients over microbatches and divides by the total count,
 so accumulation gives exactly the gradient of the full-batch mean.
 
@@ -62,29 +64,37 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _extras_kwarg(extras):
+  """Stateful objectives (``init_extras``) get ``extras=``; others nothing."""
+  return {"extras": extras} if extras else {}
+
+
 def make_grad_fn(objective, graphdef, *, microbatches: int = 1, mesh=None):
   """``(params, batch, rng, frozen, scale) -> (grads_sum, loss_count, metrics)``."""
 
-  def loss_fn(params, batch, rng, frozen, scale):
+  def loss_fn(params, batch, rng, frozen, scale, extras):
     model = nnx.merge(graphdef, params)
-    loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen)
+    loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen,
+                                           **_extras_kwarg(extras))
     return loss_sum * scale, (count, metrics)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def accumulate(params, batch, rng, frozen, scale):
+  def accumulate(params, batch, rng, frozen, scale, extras=None):
     if microbatches == 1:
-      grads, (count, metrics) = grad_fn(params, batch, rng, frozen, scale)
+      grads, (count, metrics) = grad_fn(params, batch, rng, frozen, scale,
+                                        extras)
       return grads, count, metrics
     micro = _split_microbatches(batch, microbatches, mesh)
     rngs = jax.random.split(rng, microbatches)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, params, first, rngs[0], frozen, scale)
+    shapes = jax.eval_shape(grad_fn, params, first, rngs[0], frozen, scale,
+                            extras)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
     def body(carry, xs):
       mb, r = xs
-      grads, aux = grad_fn(params, mb, r, frozen, scale)
+      grads, aux = grad_fn(params, mb, r, frozen, scale, extras)
       return _add(carry, (grads, aux)), None
 
     (grads, (count, metrics)), _ = jax.lax.scan(body, zeros, (micro, rngs))
@@ -114,11 +124,13 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
   ``nonfinite`` (1 when the update was dropped).
   """
   grads_of = make_grad_fn(objective, graphdef, microbatches=microbatches, mesh=mesh)
+  update_extras = getattr(objective, "update_extras", lambda e, _: e)
 
   def train_step(state: TrainState, batch, frozen=None):
     rng, step_rng = jax.random.split(state.rng)
     scale = state.loss_scale
-    grads, count, metrics = grads_of(state.params, batch, step_rng, frozen, scale)
+    grads, count, metrics = grads_of(state.params, batch, step_rng, frozen, scale,
+                                     state.extras)
     # d(sum)/count = d(mean): exact for any split into microbatches.
     grads = jax.tree.map(lambda g: g / (scale * jnp.maximum(count, 1e-9)), grads)
     finite = _all_finite(grads) & jnp.isfinite(metrics["loss"][0])
@@ -130,7 +142,8 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
-        rng=rng, loss_scale=new_scale, good_steps=good)
+        rng=rng, loss_scale=new_scale, good_steps=good,
+        extras=keep(update_extras(state.extras, metrics), state.extras))
     one = jnp.float32(1.0)
     metrics = dict(metrics)
     metrics.update(
@@ -147,11 +160,12 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
 
 
 def make_eval_step(objective, graphdef):
-  """Returns ``eval_step(params, batch, frozen) -> metrics`` (unjitted)."""
+  """Returns ``eval_step(params, batch, frozen, extras) -> metrics`` (unjitted)."""
 
-  def eval_step(params, batch, frozen=None):
+  def eval_step(params, batch, frozen=None, extras=None):
     model = nnx.merge(graphdef, params)
-    _, (_, metrics) = objective(model, batch, jax.random.PRNGKey(0), frozen=frozen)
+    _, (_, metrics) = objective(model, batch, jax.random.PRNGKey(0), frozen=frozen,
+                                **_extras_kwarg(extras))
     return metrics
 
   return eval_step

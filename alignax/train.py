@@ -32,6 +32,7 @@ from alignax.data import tokenizer as tok_lib
 from alignax.data import ul2_pipeline
 from alignax.interop import hf
 from alignax.models import ModelConfig
+from alignax.objectives import binary
 from alignax.objectives import contrastive
 from alignax.objectives import lm
 from alignax.objectives import preference
@@ -52,6 +53,8 @@ OBJECTIVES = {
     "simpo": preference.simpo_from_config,
     "cpo": preference.cpo_from_config,
     "reward_model": reward.from_config,
+    "bco": binary.bco_from_config,
+    "npo": binary.npo_from_config,
     "ul2": ul2_objective.from_config,
 }
 
@@ -113,12 +116,14 @@ class Trainer:
     self.build_model = (reward.model_builder(config)
                         if config.objective == "reward_model"
                         else contrastive.model_builder(config))
+    self.objective = build_objective(config)
+    # A stateful objective (BCO's running reward mean) keeps it in the state.
+    self.extras = getattr(self.objective, "init_extras", dict)()
     self.graphdef, self.state, self.shardings = state_lib.create_train_state(
         self.model_cfg, self.optimizer, self.mesh, config.sharding_rules,
         seed=config.seed,
         init_loss_scale=2.0**15 if config.train.loss_scaling else 1.0,
-        build=self.build_model)
-    self.objective = build_objective(config)
+        build=self.build_model, extras=self.extras)
     train_step = step_lib.make_train_step(
         self.objective, self.graphdef, self.optimizer, self.schedule,
         microbatches=config.train.microbatches, mesh=self.mesh,
@@ -191,7 +196,8 @@ class Trainer:
     if latest is None:
       return 0
     target = state_lib.abstract_train_state(self.shardings, self.model_cfg,
-                                            self.optimizer, self.build_model)
+                                            self.optimizer, self.build_model,
+                                            self.extras)
     self.state = self.checkpointer.restore(latest, target, self.data_iter)
     logging.info("resumed from step %d", latest)
     return latest
@@ -200,7 +206,7 @@ class Trainer:
     acc = metrics_lib.MetricsAccumulator()
     for batch in self.eval_batches():
       acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh),
-                             self.frozen))
+                             self.frozen, self.state.extras))
     out = acc.result()
     if "loss" in out:
       out["perplexity"] = float(np.exp(out["loss"]))

@@ -128,3 +128,25 @@ def test_cached_reference_equals_live(tok_dir, tmp_path, monkeypatch):
   prepared.train.update(steps=1, eval_every=0, log_every=1)
   trainer, last = train.run(prepared, workdir)
   assert trainer.frozen is None and np.isfinite(last["train/loss"])
+
+
+def test_bco_running_mean_is_checkpointed_and_resumes(tok_dir, tmp_path):
+  def bco(**overrides):
+    c = recipe("dpo_demo", tok_dir, **overrides)
+    c.objective = "bco"
+    c.data.preference.format = "binary"
+    return c
+
+  straight, last = train.run(bco(log_every=1), str(tmp_path / "a"))
+  extras = jax.device_get(straight.state.extras)
+  assert float(extras["bco/count"]) > 0
+  # The last step's delta is the running mean after folding that step in.
+  np.testing.assert_allclose(extras["bco/mean"], last["train/bco/delta"],
+                             rtol=1e-5)
+  assert np.isfinite(last["eval/bco/delta"])
+  train.run(bco(steps=2, log_every=1), str(tmp_path / "b"))
+  resumed, _ = train.run(bco(log_every=1), str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, final_params(straight),
+               final_params(resumed))
+  jax.tree.map(np.testing.assert_array_equal, extras,
+               jax.device_get(resumed.state.extras))

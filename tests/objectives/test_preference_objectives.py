@@ -355,3 +355,60 @@ def test_from_config_names_bad_fields():
   c.preference.list_loss = "lambdarank"
   with pytest.raises(ValueError, match="list_loss='lambdarank'"):
     pref.lipo_from_config(c)
+
+
+def _binary_examples(seed):
+  exs = examples(8, 2, seed=seed)
+  for i, ex in enumerate(exs):
+    ex["labels"] = np.array([i % 2, 0], np.float32)
+  return exs
+
+
+def test_bco_objective_uses_the_running_mean_updated_with_the_batch():
+  from alignax.objectives import binary  # pylint: disable=g-import-not-at-top
+  exs = _binary_examples(6)
+  batch = packed(exs, 2)
+  objective = binary.BCOObjective(beta=0.1, reference="frozen")
+  extras = {"bco/mean": jnp.float32(0.2), "bco/count": jnp.float32(24.0)}
+  fn = jax.jit(lambda p, f, b, e: objective(nnx.merge(GRAPHDEF, p), b, None,
+                                            frozen=f, extras=e))
+  loss_sum, (count, m) = fn(params(0), params(1), batch, extras)
+  pol, ref = padded_logps(0, exs, 2), padded_logps(1, exs, 2)
+  rewards = 0.1 * (pol[:, 0] - ref[:, 0])  # every example has slot 0
+  # TRL's RunningMoments: fold this batch's rewards in, then shift by it.
+  delta = (0.2 * 24 + rewards.sum()) / (24 + len(rewards))
+  desirable = np.arange(8) % 2 == 1
+  z = np.where(desirable, rewards - delta, -(rewards - delta))
+  want = np.log1p(np.exp(-z))
+  np.testing.assert_allclose(loss_sum / count, want.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["bco/delta"][0], delta, rtol=1e-4)
+  new = objective.update_extras(extras, m)
+  np.testing.assert_allclose(new["bco/mean"], delta, rtol=1e-4)
+  assert float(new["bco/count"]) == 32
+  # delta is a constant of the loss: the gradient is BCO's at fixed delta.
+  g = jax.grad(lambda p: fn(p, params(1), batch, extras)[0])(params(0))
+  # A count so large that this batch cannot move the mean: delta fixed.
+  fixed = {"bco/mean": jnp.float32(delta), "bco/count": jnp.float32(1e12)}
+  g_fixed = jax.grad(lambda p: fn(p, params(1), batch, fixed)[0])(params(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3,
+                                                       atol=1e-6), g, g_fixed)
+
+
+def test_npo_objective_forgets_label0_and_retains_label1():
+  from alignax.objectives import binary  # pylint: disable=g-import-not-at-top
+  exs = _binary_examples(8)
+  batch = packed(exs, 2)
+  pol, ref = padded_logps(0, exs, 2), padded_logps(1, exs, 2)
+  lengths = np.array([len(e["responses"][0]) for e in exs], np.float64)
+  desirable = np.arange(8) % 2 == 1
+  forget = -(2 / 0.1) * np.log(1 / (1 + np.exp(0.1 * (pol[:, 0] - ref[:, 0]))))
+  for w in (0.0, 0.5):
+    objective = functools.partial(binary.npo_objective, beta=0.1,
+                                  retain_weight=w, reference="frozen")
+    loss_sum, (count, m) = run(objective, batch)
+    per = np.where(desirable, w * (-pol[:, 0] / lengths), forget)
+    keep = ~desirable | (w > 0)
+    assert float(count) == keep.sum()
+    np.testing.assert_allclose(loss_sum, per[keep].sum(), rtol=1e-4)
+  np.testing.assert_allclose(m["npo/forget_logps"][0] / m["npo/forget_logps"][1],
+                             pol[~desirable, 0].mean(), rtol=1e-5)
