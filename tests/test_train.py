@@ -155,3 +155,55 @@ def test_sigterm_saves_stops_and_resumes_exactly(tok_dir, tmp_path, monkeypatch)
                          str(tmp_path / "b"))
   jax.tree.map(np.testing.assert_array_equal, final_params(straight),
                final_params(resumed))
+
+
+def _launch_env():
+  """One CPU device per process, as a laptop or one host of a pod has."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count"))
+  return env
+
+
+def _tiny_flags(tok_dir, workdir):
+  return [sys.executable, os.path.join(ROOT, "launch", "tpu_train.py"),
+          f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+          f"--workdir={workdir}", "--config.model.d_model=32",
+          "--config.model.n_layers=2", "--config.model.d_ff=64",
+          "--config.model.head_dim=8", "--config.model.max_seq_len=32",
+          "--config.tokenizer.vocab_size=512", "--config.tokenizer.num_sentinels=8",
+          f"--config.tokenizer.cache_dir={tok_dir}", "--config.train.steps=2",
+          "--config.train.batch_size=4", "--config.train.seq_len=32",
+          "--config.train.log_every=1", "--config.train.eval_every=2",
+          "--config.train.eval_batches=1", "--config.train.progress_bar=False",
+          "--config.checkpoint.save_every=2", "--config.optimizer.warmup_steps=1"]
+
+
+def test_launch_two_processes_with_cpu_collectives(tok_dir, tmp_path):
+  """``--multihost``: jax.distributed over 2 processes, gloo collectives."""
+  import socket  # pylint: disable=g-import-not-at-top
+  train.run(tiny_config(tok_dir, steps=1), str(tmp_path / "warm"))  # tokenizer
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "mp")
+  procs = [subprocess.Popen(
+      _tiny_flags(tok_dir, workdir) + [
+          "--multihost", f"--coordinator_address=localhost:{port}",
+          "--num_processes=2", f"--process_id={i}"],
+      env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  printed = outs[0][0]
+  assert "devices: 2 x cpu (2 process(es))" in printed
+  assert "batch: 4 x 32 tokens, 1 microbatch(es); 2 rows per process" in printed
+  assert "params: " in printed and "state per device" in printed
+  assert "devices:" not in outs[1][0]  # only process 0 reports
+  records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [0, 1, 2]
+  assert np.isfinite(records[-1]["train/loss"])
+  assert np.isfinite(records[-1]["eval/loss"])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
