@@ -1,6 +1,10 @@
 """End to end: LM -> dual encoder (init_from, resume) and CAFe, via train.run."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -152,3 +156,53 @@ def test_fill_missing_keeps_fresh_leaves_and_rejects_no_match():
   with pytest.raises(ValueError, match="none of the model's parameters"):
     state_lib.fill_missing(
         {"a": jax.ShapeDtypeStruct((2,), np.float32)}, {"a": np.ones(2)})
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo recipes at test size (flags as a user would pass them).
+TINY_OVERRIDES = dict(
+    model=dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+               d_ff=64, max_seq_len=32),
+    tokenizer=dict(vocab_size=512, num_sentinels=8),
+    train=dict(steps=2, batch_size=8, seq_len=32, log_every=2, eval_every=2,
+               eval_batches=1, progress_bar=False),
+    checkpoint=dict(save_every=2), optimizer=dict(warmup_steps=1),
+    data=dict(eval_queries=16))
+
+
+def _demo_recipe(name, lm_workdir, tok_dir):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(lm_workdir)
+  assert c.checkpoint.init_from == lm_workdir
+  for section, values in TINY_OVERRIDES.items():
+    c[section].update(values)
+  c.tokenizer.cache_dir = tok_dir  # the tiny LM's tokenizer
+  return c
+
+
+def test_demo_recipes_and_the_retrieval_command(tok_dir, lm_workdir, tmp_path):
+  workdir = str(tmp_path / "dual")
+  _, last = train.run(_demo_recipe("dual_encoder_demo", lm_workdir, tok_dir),
+                      workdir)
+  assert last["step"] == 2 and 0 <= last["eval/retrieval/recall@10"] <= 1
+  _, cafe = train.run(_demo_recipe("cafe_demo", lm_workdir, tok_dir),
+                      str(tmp_path / "cafe"))
+  assert np.isfinite(cafe["eval/lm/loss"]) and np.isfinite(
+      cafe["eval/contrastive/loss"])
+  # The standalone evaluation of the saved checkpoint prints the loop's.
+  flags = [f"--config.{s}.{k}={v}" for s, values in TINY_OVERRIDES.items()
+           for k, v in values.items()]
+  cmd = [sys.executable, "-m", "alignax.retrieval",
+         f"--config={os.path.join(ROOT, 'configs', 'dual_encoder_demo.py')}:"
+         f"{lm_workdir}", f"--checkpoint={workdir}",
+         f"--config.tokenizer.cache_dir={tok_dir}", *flags]
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        cwd=ROOT, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  printed = json.loads(done.stdout.strip().splitlines()[-1])
+  for key, value in printed.items():
+    np.testing.assert_allclose(value, last[f"eval/{key}"], atol=2e-5)
+  assert "retrieval/ndcg@10" in printed
