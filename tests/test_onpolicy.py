@@ -85,3 +85,21 @@ def test_rounds_sample_score_train_and_resume(tmp_path):
   assert again == history
   assert os.path.getmtime(
       os.path.join(workdir, "round_1", "samples.jsonl")) == mtime
+
+
+def test_a_dpo_round_trains_on_best_vs_worst_pairs(tmp_path):
+  workdir = str(tmp_path / "dpo")
+  config = _config(str(tmp_path / "tok"), objective="dpo")
+  config.onpolicy.rounds = 1
+  history = onpolicy.run(config, workdir)
+  assert [h["round"] for h in history] == [-1, 0]
+  assert history[1]["step"] == 2 and history[1]["train/loss"] > 0
+  records = _read_jsonl(os.path.join(workdir, "round_0", "samples.jsonl"))
+  task = onpolicy.DocstringTask()
+  prompts = {p.text: p for p in task.prompts("train", 6, seed=config.seed)}
+  assert records  # some prompts had distinct scores
+  for rec in records:
+    assert set(rec) == {"prompt", "chosen", "rejected"}
+    target = prompts[rec["prompt"]]
+    assert task.reward(target, rec["chosen"]) > task.reward(target,
+                                                            rec["rejected"])

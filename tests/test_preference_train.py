@@ -150,3 +150,32 @@ def test_bco_running_mean_is_checkpointed_and_resumes(tok_dir, tmp_path):
                final_params(resumed))
   jax.tree.map(np.testing.assert_array_equal, extras,
                jax.device_get(resumed.state.extras))
+
+
+class _Tok:
+  vocab_size, bos_id, eos_id = 100, 1, 2
+
+  def encode(self, text):
+    return [ord(c) % 100 for c in text]
+
+
+def test_reference_cache_key_follows_data_and_reference(tmp_path):
+  from alignax import defaults  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "prefs.jsonl"
+  data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+  c = defaults.base_config()
+  c.data.source, c.data.paths = "jsonl", (str(data),)
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=(3,)).astype(np.float32)}
+  key, material = reference_cache.cache_key(c, _Tok(), params)
+  assert key == reference_cache.cache_key(c, _Tok(), dict(params))[0]
+  assert material["data"]["train"][0][0] == str(data)
+  swapped = dict(params, w=params["w"][::-1])  # same sums, other weights
+  assert reference_cache.cache_key(c, _Tok(), swapped)[0] != key
+  moved = dict(params, b=params["b"] + 1e-3)
+  assert reference_cache.cache_key(c, _Tok(), moved)[0] != key
+  data.write_text('{"prompt": "p", "chosen": "a", "rejected": "cc"}\n')
+  assert reference_cache.cache_key(c, _Tok(), params)[0] != key  # new data
+  c.train.seq_len = 64
+  assert reference_cache.cache_key(c, _Tok(), params)[0] != key

@@ -68,9 +68,18 @@ def _splits(data_cfg):
 
 
 def params_fingerprint(params):
-  """Rounded per-leaf sums: equal for equal parameters on any mesh."""
-  stats = jax.tree.map(lambda x: jnp.stack([jnp.sum(x), jnp.sum(jnp.abs(x))]),
-                       params)
+  """Rounded per-leaf sums: equal for equal parameters on any mesh.
+
+  Besides the sum and the sum of magnitudes, a sum weighted by a fixed
+  position-dependent vector tells apart leaves whose entries were permuted.
+  """
+  def stats(x):
+    flat = jnp.ravel(x).astype(jnp.float32)
+    weights = jnp.cos(jnp.arange(flat.size, dtype=jnp.float32) * 0.618034)
+    return jnp.stack([jnp.sum(flat), jnp.sum(jnp.abs(flat)),
+                      jnp.sum(flat * weights)])
+
+  stats = jax.tree.map(stats, params)
   return [f"{v:.6e}" for v in np.concatenate(
       [np.ravel(s) for s in jax.tree.leaves(jax.device_get(stats))])]
 
