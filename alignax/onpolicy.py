@@ -27,7 +27,7 @@ The demo task is the embedded docstring -> function-name task
 (:mod:`alignax.data.preference_task`) with its computed reward, the
 similarity of the sampled name to the true one::
 
-  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python -m alignax.onpolicy --config=configs/onpolicy_demo.py \\
       --workdir=/tmp/alignax_onpolicy
 

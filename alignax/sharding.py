@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -173,3 +174,26 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
       k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
       for k, v in batch.items()
   }
+
+
+def split_rows(x, num_chunks: int, mesh=None):
+  """``[N, ...] -> [n, N / n, ...]`` for ``n = num_chunks``; chunk j = rows j::n."""
+  if x.shape[0] % num_chunks:
+    raise ValueError(f"{x.shape[0]} rows (shape {x.shape}) do not split into "
+                     f"{num_chunks} equal sub-batches")
+  x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)  # [n, N/n, ...]
+  if mesh is not None:
+    spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return x
+
+
+def merge_rows(x, mesh=None):
+  """Inverse of :func:`split_rows`: ``[n, N / n, ...] -> [N, ...]``."""
+  x = jnp.swapaxes(x, 0, 1)  # [N/n, n, ...]
+  x = x.reshape(-1, *x.shape[2:])
+  if mesh is not None:
+    spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return x

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from alignax import sharding as shd
 from alignax.state import TrainState
@@ -43,17 +42,7 @@ def _split_microbatches(batch, microbatches: int, mesh):
   Strided (not contiguous) selection keeps each microbatch spread over all
   data shards instead of landing on the first devices only.
   """
-  def split(x):
-    if x.shape[0] % microbatches:
-      raise ValueError(f"batch of {x.shape[0]} rows is not divisible into "
-                       f"{microbatches} microbatches")
-    x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
-    x = jnp.swapaxes(x, 0, 1)  # [M, B/M, ...]
-    if mesh is not None:
-      spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
-      x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
-    return x
-  return jax.tree.map(split, batch)
+  return jax.tree.map(lambda x: shd.split_rows(x, microbatches, mesh), batch)
 
 
 def _add(a, b):

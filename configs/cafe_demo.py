@@ -8,7 +8,7 @@ held-out LM loss (``eval/lm/loss``, on the corpus's held-out documents) is
 logged at step 0 (the pretrained LM) and after training, next to the
 retrieval metrics. Run after pretraining:
 
-  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python launch/tpu_train.py --config=configs/cafe_demo.py \\
       --workdir=/tmp/alignax_cafe
 

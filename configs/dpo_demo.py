@@ -4,7 +4,7 @@ Pretrain the demo model, then align it with DPO (a few minutes each on a
 2-core CPU); held-out preference accuracy (``eval/rewards/accuracies``) rises
 from 0 (the policy equals its reference: every implicit reward is 0):
 
-  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python launch/tpu_train.py --config=configs/dpo_demo.py --workdir=/tmp/alignax_dpo \\
       --config.checkpoint.init_from=/tmp/alignax_demo
 

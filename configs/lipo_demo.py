@@ -6,7 +6,7 @@ LiPO-λ's Lambda-weighted pairwise logistic loss over each list. Held-out
 ``eval/rewards/accuracies`` (over all differently-graded pairs of a list) and
 ``eval/rewards/ndcg`` rise as the policy learns to rank names:
 
-  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python launch/tpu_train.py --config=configs/lipo_demo.py --workdir=/tmp/alignax_lipo \\
       --config.checkpoint.init_from=/tmp/alignax_demo
 

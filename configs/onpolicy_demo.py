@@ -7,7 +7,7 @@ and referenced to the round's policy (see ``alignax.onpolicy``). Held-out
 greedy mean reward and exact match are printed per round (round -1 = the
 pretrained LM):
 
-  python launch/tpu_train.py --config=configs/demo.py --workdir=/tmp/alignax_demo
+  python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python -m alignax.onpolicy --config=configs/onpolicy_demo.py \\
       --workdir=/tmp/alignax_onpolicy
 

@@ -12,7 +12,6 @@ from flax import nnx
 from alignax import train
 from alignax.data import preference
 from alignax.data import reference_cache
-from alignax.objectives import preference as pref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,11 +1,9 @@
 """The shared train step: sharding equivalence, accumulation, NaN handling."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from alignax import sharding as shd

@@ -1,6 +1,5 @@
 """End to end: the loop, resume, restore on another mesh, metrics, errors."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import pytest
 
 from alignax import defaults
 from alignax import metrics as metrics_lib
-from alignax import state as state_lib
 from alignax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,32 +32,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alignax import sharding as shd
-
-
-def split_rows(x, num_chunks: int, mesh=None):
-  """``[N, ...] -> [n, N / n, ...]`` for ``n = num_chunks``; chunk j = rows j::n."""
-  if x.shape[0] % num_chunks:
-    raise ValueError(f"{x.shape[0]} rows (shape {x.shape}) do not split into "
-                     f"{num_chunks} equal sub-batches")
-  x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
-  x = jnp.swapaxes(x, 0, 1)  # [n, N/n, ...]
-  if mesh is not None:
-    spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-  return x
-
-
-def merge_rows(x, mesh=None):
-  """Inverse of :func:`split_rows`: ``[n, N / n, ...] -> [N, ...]``."""
-  x = jnp.swapaxes(x, 0, 1)  # [N/n, n, ...]
-  x = x.reshape(-1, *x.shape[2:])
-  if mesh is not None:
-    spec = P(shd.BATCH_AXES, *([None] * (x.ndim - 1)))
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-  return x
 
 
 def gradcache(embed_fn, loss_fn, *, num_chunks: int, mesh=None):
@@ -81,9 +57,9 @@ def gradcache(embed_fn, loss_fn, *, num_chunks: int, mesh=None):
   """
 
   def embed_all(params, inputs):
-    chunks = jax.tree.map(lambda x: split_rows(x, num_chunks, mesh), inputs)
+    chunks = jax.tree.map(lambda x: shd.split_rows(x, num_chunks, mesh), inputs)
     emb = jax.lax.map(lambda c: embed_fn(params, c), chunks)  # [n, c, D]
-    return merge_rows(emb, mesh)  # [N, D]
+    return shd.merge_rows(emb, mesh)  # [N, D]
 
   @jax.custom_vjp
   def cached(params, inputs):
@@ -98,8 +74,8 @@ def gradcache(embed_fn, loss_fn, *, num_chunks: int, mesh=None):
   def bwd(residuals, cotangents):
     params, inputs, g_emb, g_params = residuals
     g_loss = cotangents[0]  # aux is not differentiated
-    chunks = jax.tree.map(lambda x: split_rows(x, num_chunks, mesh), inputs)
-    g_chunks = split_rows(g_emb * g_loss, num_chunks, mesh)  # [n, c, D]
+    chunks = jax.tree.map(lambda x: shd.split_rows(x, num_chunks, mesh), inputs)
+    g_chunks = shd.split_rows(g_emb * g_loss, num_chunks, mesh)  # [n, c, D]
 
     def replay(acc, xs):
       chunk, g = xs
