@@ -70,6 +70,9 @@ DATA_TASKS = {
             ul2_pipeline.build_ul2_eval_batches),
 }
 
+# Objectives whose loss is a token cross-entropy (eval/perplexity = exp).
+LM_OBJECTIVES = ("lm", "ul2")
+
 # config.data.task -> builder(config, tokenizer, mesh, graphdef) of
 # evaluate(params) -> {name: float}, merged into the held-out metrics.
 EVALUATORS = {
@@ -208,7 +211,7 @@ class Trainer:
       acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh),
                              self.frozen, self.state.extras))
     out = acc.result()
-    if "loss" in out:
+    if "loss" in out and self.config.objective in LM_OBJECTIVES:
       out["perplexity"] = float(np.exp(out["loss"]))
     task = self.config.data.task
     if task in EVALUATORS:
