@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "pyarrow==26.0.1",
     "safetensors==0.8.0",  # Hugging Face weights: checkpoint.init_from=HF_DIR
+    "jinja2==3.1.6",  # Hugging Face chat templates (alignax.data.chat)
     "numpy>=2.0",
 ]
 

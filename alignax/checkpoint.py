@@ -9,6 +9,8 @@ that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -97,6 +99,32 @@ def _resolve(path: str) -> tuple[str, int]:
     raise FileNotFoundError(f"no checkpoint found at {path!r} (expected a "
                             "workdir, its checkpoints/ dir, or a step dir)")
   return path, max(steps)
+
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def write_model_config(workdir: str, cfg) -> None:
+  """Records a run's ``ModelConfig`` next to its checkpoints (process 0).
+
+  Tools that read a checkpoint without the run's config (the HF export, a
+  grown vocabulary) take the exact shapes from here.
+  """
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def read_model_config(path: str) -> dict | None:
+  """The fields :func:`write_model_config` recorded for the run of ``path``
+  (a workdir, its checkpoints/ dir or a step dir), or None."""
+  directory, _ = _resolve(path)
+  file = os.path.join(os.path.dirname(directory), MODEL_CONFIG_FILE)
+  if not os.path.isfile(file):
+    return None
+  with open(file) as f:
+    return json.load(f)
 
 
 def load_params(path: str, abstract_params):

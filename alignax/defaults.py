@@ -154,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.preference.reward_fields = ()  # modpo: score fields of the other objectives
   c.data.preference.task_repeats = 4  # embedded task: distractor draws per function
   c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by prepare)
+  c.data.preference.chat_template = ""  # "" = built-in; HF model dir, tokenizer_config.json or .jinja
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on first use) | hf

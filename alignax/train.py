@@ -267,6 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   c = config.train
   start = trainer.restore_or_init()
   is_main = jax.process_index() == 0
+  ckpt_lib.write_model_config(workdir, trainer.model_cfg)  # for export tools
   if is_main:
     print(describe(trainer), flush=True)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)

@@ -11,14 +11,13 @@ Record formats (JSONL lines or Parquet rows; ``data.preference.format``):
   rides along as the mismatched completion of KTO's KL baseline.
 
 Text fields hold plain strings or chat messages, lists of
-``{"role": str, "content": str}``, rendered with this template::
-
-  <|system|>\n{content}\n<|user|>\n{content}\n ... <|assistant|>\n
-
-A prompt of messages ends with the generation header ``<|assistant|>\n``;
-a completion of messages renders its first (assistant) message as its
-content and a newline (the header is the prompt's), any further messages with
-the template. MODPO's scores of the
+``{"role": str, "content": str}``, rendered by :mod:`alignax.data.chat`:
+alignax's built-in template (``<|user|>\n{content}\n ... <|assistant|>\n``)
+or, with ``data.preference.chat_template`` (set automatically from a
+Hugging Face ``checkpoint.init_from`` that has one), the model's own Jinja
+template as ``apply_chat_template`` renders it. A prompt of messages ends
+with the generation header; a completion of messages is the text the
+template adds after the prompt (TRL's split). MODPO's scores of the
 other objectives are numeric fields named by ``data.preference.reward_fields``:
 ``chosen_<f>`` / ``rejected_<f>`` for pairs, ``<f>`` (a list) for lists.
 
@@ -44,23 +43,19 @@ import logging
 import grain
 import numpy as np
 
+from alignax.data import chat
 from alignax.data import pipeline
 from alignax.data import preference_packing as packing
 from alignax.data import preference_task
 from alignax.data import sources
 
 FORMATS = ("pairs", "lists", "binary")
+_BUILTIN = chat.BuiltinChat()
 
 
 def list_size(pref_cfg):
   """K, the responses per example: 2 for pairs and binary, else list_size."""
   return int(pref_cfg.list_size) if pref_cfg.format == "lists" else 2
-
-
-def render_chat(messages, *, generation_header=False):
-  """Renders chat messages with the module's template."""
-  text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-  return text + ("<|assistant|>\n" if generation_header else "")
 
 
 def _check_messages(value, field):
@@ -71,8 +66,8 @@ def _check_messages(value, field):
                        "{'role': str, 'content': str}.")
 
 
-def _text(record, field, *, prompt=False):
-  """A text field as a string (chat messages rendered)."""
+def _text(record, field, chat, *, prompt=False):
+  """A text field as a string (chat messages rendered by ``chat``)."""
   if field not in record:
     raise ValueError(f"missing field {field!r} (record has fields "
                      f"{sorted(record)}).")
@@ -82,8 +77,11 @@ def _text(record, field, *, prompt=False):
   if isinstance(value, list) and value:
     _check_messages(value, field)
     if prompt:
-      return render_chat(value, generation_header=True)
-    return value[0]["content"] + "\n" + render_chat(value[1:])
+      return chat.prompt(value)
+    prompt_messages = record.get("prompt")
+    if not isinstance(prompt_messages, list):
+      prompt_messages = []
+    return chat.completion(prompt_messages, value)
   raise ValueError(f"field {field!r} must be a string or a non-empty list of "
                    f"chat messages, got {type(value).__name__}.")
 
@@ -105,39 +103,41 @@ def _numbers(record, field, n=None):
   return [_number(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
 
-def parse_pair(record, reward_fields=()):
+def parse_pair(record, reward_fields=(), chat=_BUILTIN):
   """``{prompt, chosen, rejected}`` -> a normalised example (see parse)."""
   rewards = [[_number(record.get(f"{side}_{f}"), f"{side}_{f}")
               for f in reward_fields] for side in ("chosen", "rejected")]
-  return {"prompt": _text(record, "prompt", prompt=True),
-          "responses": [_text(record, "chosen"), _text(record, "rejected")],
+  return {"prompt": _text(record, "prompt", chat, prompt=True),
+          "responses": [_text(record, "chosen", chat),
+                        _text(record, "rejected", chat)],
           "labels": [1.0, 0.0], "rewards": rewards}
 
 
-def parse_list(record, reward_fields=()):
+def parse_list(record, reward_fields=(), chat=_BUILTIN):
   """``{prompt, responses, scores}`` -> a normalised example."""
   responses = record.get("responses")
   if not isinstance(responses, list) or not responses:
     raise ValueError("field 'responses' must be a non-empty list, got "
                      f"{responses!r}.")
-  texts = [_text({"responses": r}, "responses") for r in responses]
+  texts = [_text({"prompt": record.get("prompt"), "responses": r},
+                 "responses", chat) for r in responses]
   scores = _numbers(record, "scores", len(texts))
   per_field = [_numbers(record, f, len(texts)) for f in reward_fields]
   rewards = [list(v) for v in zip(*per_field)] if per_field else [
       [] for _ in texts]
-  return {"prompt": _text(record, "prompt", prompt=True), "responses": texts,
-          "labels": scores, "rewards": rewards}
+  return {"prompt": _text(record, "prompt", chat, prompt=True),
+          "responses": texts, "labels": scores, "rewards": rewards}
 
 
-def parse_binary(record, reward_fields=()):
+def parse_binary(record, reward_fields=(), chat=_BUILTIN):
   """``{prompt, completion, label}`` -> an example of one response."""
   if reward_fields:
     raise ValueError("reward_fields apply to pairs and lists, not binary.")
   label = record.get("label")
   if not isinstance(label, (bool, int, float)) or label not in (0, 1):
     raise ValueError(f"field 'label' must be true/false or 0/1, got {label!r}.")
-  return {"prompt": _text(record, "prompt", prompt=True),
-          "responses": [_text(record, "completion")],
+  return {"prompt": _text(record, "prompt", chat, prompt=True),
+          "responses": [_text(record, "completion", chat)],
           "labels": [float(label)], "rewards": [[]]}
 
 
@@ -165,10 +165,12 @@ class RecordSource:
   response (KTO's mismatched KL completion).
   """
 
-  def __init__(self, source, fmt, *, reward_fields=(), skip_malformed=False):
+  def __init__(self, source, fmt, *, reward_fields=(), skip_malformed=False,
+               chat=None):
     if fmt not in FORMATS:
       raise ValueError(f"data.preference.format={fmt!r} not in {FORMATS}.")
     self._source, self._fmt = source, fmt
+    self._chat = chat or _BUILTIN
     self._reward_fields = tuple(reward_fields)
     self._keep = None
     self.num_skipped = 0
@@ -195,7 +197,7 @@ class RecordSource:
   def _parse(self, raw_index):
     record = self._source[raw_index]  # sources locate their own errors
     try:
-      return PARSERS[self._fmt](record, self._reward_fields)
+      return PARSERS[self._fmt](record, self._reward_fields, self._chat)
     except ValueError as e:
       raise ValueError(f"{_location(self._source, raw_index)}: {e}") from None
 
@@ -235,7 +237,8 @@ def record_source(data_cfg, split):
   pref = data_cfg.preference
   return RecordSource(raw_source(data_cfg, split), pref.format,
                       reward_fields=pref.reward_fields,
-                      skip_malformed=data_cfg.get("skip_malformed", False))
+                      skip_malformed=data_cfg.get("skip_malformed", False),
+                      chat=chat.build_chat(pref.get("chat_template", "")))
 
 
 def fit_group(prompt, responses, *, seq_len, shared_prompt):

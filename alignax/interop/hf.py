@@ -47,7 +47,7 @@ from alignax import state as state_lib
 from alignax.interop import hf_config
 from alignax.models import ModelConfig
 
-MODEL_CONFIG_FILE = 'model_config.json'
+MODEL_CONFIG_FILE = ckpt_lib.MODEL_CONFIG_FILE
 # Files copied next to an export so that it is a complete HF directory.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'tokenizer.model',
@@ -316,6 +316,17 @@ def is_hf_dir(path: str) -> bool:
       bool(glob.glob(os.path.join(path, '*.safetensors'))))
 
 
+def has_chat_template(directory: str) -> bool:
+  """Whether an HF directory ships a chat template (Jinja file or config)."""
+  if os.path.isfile(os.path.join(directory, 'chat_template.jinja')):
+    return True
+  config = os.path.join(directory, 'tokenizer_config.json')
+  if not os.path.isfile(config):
+    return False
+  with open(config) as f:
+    return bool(json.load(f).get('chat_template'))
+
+
 # config.model fields that a run chooses for itself; an imported model's
 # config.json sets every other one.
 RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'attention_impl')
@@ -329,7 +340,8 @@ def run_config(config):
   ``config.json``; command-line model overrides other than ``RUN_FIELDS``
   are replaced) and whose tokenizer is the directory's ``tokenizer.json``
   (unless ``tokenizer.kind='hf'`` names another), with no sentinels and a
-  vocabulary grown to the ids the tokenizer reserves (see :func:`load_hf`).
+  vocabulary grown to the ids the tokenizer reserves (see :func:`load_hf`);
+  chat records use the directory's chat template when it has one.
   """
   path = config.checkpoint.init_from
   if not is_hf_dir(path):
@@ -345,6 +357,8 @@ def run_config(config):
           f'{path}: no tokenizer.json; pass --config.tokenizer.kind=hf '
           '--config.tokenizer.path=<tokenizer.json>')
   c.tokenizer.num_sentinels = 0  # the checkpoint was not trained with them
+  if not c.data.preference.chat_template and has_chat_template(path):
+    c.data.preference.chat_template = path  # chat records: the model's own
   needed = tok_lib.load_hf_tokenizer(c.tokenizer.path, 0).vocab_size
   for field in dataclasses.fields(ModelConfig):
     if field.name not in RUN_FIELDS:
@@ -491,16 +505,33 @@ def save_checkpoint(workdir: str, cfg: ModelConfig, params) -> str:
     mngr.save(0, args=ocp.args.Composite(
         state=ocp.args.StandardSave({'params': params})))
     mngr.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), 'w') as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
+  ckpt_lib.write_model_config(workdir, cfg)
   return os.path.join(os.path.abspath(workdir), 'checkpoints', '0')
 
 
 def read_model_config(workdir: str) -> ModelConfig:
-  """The :class:`ModelConfig` that :func:`save_checkpoint` recorded."""
-  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
-    return ModelConfig(**json.load(f))
+  """The :class:`ModelConfig` that :func:`save_checkpoint` (or a training
+  run) recorded."""
+  fields = ckpt_lib.read_model_config(workdir)
+  if fields is None:
+    raise FileNotFoundError(f'{workdir}: no {MODEL_CONFIG_FILE}')
+  return ModelConfig(**fields)
+
+
+def _export_params(workdir: str, cfg: ModelConfig, mesh=None):
+  """A run's parameters for the HF model ``cfg``: a vocabulary the run grew
+  (ids reserved past the tokenizer's) is cut back to ``cfg.vocab_size``."""
+  recorded = ckpt_lib.read_model_config(workdir)
+  grown = recorded and recorded['vocab_size'] > cfg.vocab_size
+  params = load_checkpoint_params(
+      workdir, dataclasses.replace(cfg, vocab_size=recorded['vocab_size'])
+      if grown else cfg, mesh=mesh)
+  if grown:
+    v = cfg.vocab_size
+    params = dict(params, embed={'embedding': params['embed']['embedding'][:v]})
+    if 'lm_head' in params:
+      params['lm_head'] = params['lm_head'][:, :v]
+  return params
 
 
 def config_flags(cfg: ModelConfig) -> list[str]:
@@ -558,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   base = read_hf_config(args.like)
   cfg = hf_config.model_config_from_hf(base)
-  params = load_checkpoint_params(args.workdir, cfg)
+  params = _export_params(args.workdir, cfg)
   export_hf(args.out_dir, cfg, params, model_type=base['model_type'],
             dtype=args.dtype, base_config=base, copy_from=args.like)
   print(f'wrote {args.out_dir}')

@@ -150,3 +150,12 @@ def test_launch_dpo_demo_from_an_hf_directory(hf_dir, tmp_path):
   np.testing.assert_allclose(
       np.asarray(ours)[..., :model.config.vocab_size],
       _hf_logits(model, tokens), atol=1e-4)
+  # Export cuts the grown vocabulary back: transformers loads the original.
+  assert ckpt_lib.read_model_config(workdir)["vocab_size"] == cfg.vocab_size
+  out = str(tmp_path / 'exported')
+  hf.main(['export', workdir, out, '--like', path])
+  back = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation='eager').eval()
+  np.testing.assert_allclose(_hf_logits(back, tokens),
+                             _hf_logits(model, tokens), atol=1e-6)
+  assert os.path.isfile(os.path.join(out, 'tokenizer.json'))
