@@ -68,7 +68,20 @@ class Checkpointer:
     *target* shardings, so a checkpoint saved on one mesh shape loads straight
     into the shards of another.
     """
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    try:
+      return self._restore(step, abstract_state, data_iter)
+    except ValueError as e:
+      if abstract_state.extras or "extras" not in str(e):
+        raise
+    # Written before TrainState had ``extras``; an objective without state
+    # has nothing to restore there.
+    fields = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state) if f.name != "extras"}
+    return abstract_state.replace(
+        **self._restore(step, fields, data_iter), extras={})
+
+  def _restore(self, step, target, data_iter):
+    items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))

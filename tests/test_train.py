@@ -205,3 +205,30 @@ def test_launch_two_processes_with_cpu_collectives(tok_dir, tmp_path):
   assert np.isfinite(records[-1]["train/loss"])
   assert np.isfinite(records[-1]["eval/loss"])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_restores_a_checkpoint_written_before_train_state_extras(tok_dir,
+                                                                 tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from alignax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from alignax import state as state_lib  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer(tiny_config(tok_dir), str(tmp_path / "run"))
+  st = trainer.state
+  old = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)
+         if f.name != "extras"}  # the state tree as older versions saved it
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), save_every=1, keep=1,
+                             async_save=False)
+  ck.save(1, old, trainer.data_iter, force=True)
+  ck.wait()
+  target = state_lib.abstract_train_state(trainer.shardings, trainer.model_cfg,
+                                          trainer.optimizer)
+  restored = ck.restore(1, target, trainer.data_iter)
+  assert restored.extras == {}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+               jax.device_get(st.params))
+  # A stateful objective's extras cannot come from such a checkpoint.
+  with_extras = target.replace(extras={"bco/mean": jax.ShapeDtypeStruct(
+      (), np.float32, sharding=target.step.sharding)})
+  with pytest.raises(ValueError, match="extras"):
+    ck.restore(1, with_extras, trainer.data_iter)
+  ck.close()
