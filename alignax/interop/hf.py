@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 from alignax import checkpoint as ckpt_lib
 from alignax import sharding as shd
 from alignax import state as state_lib
+from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf_config
 from alignax.models import ModelConfig
 
@@ -346,7 +347,6 @@ def run_config(config):
   path = config.checkpoint.init_from
   if not is_hf_dir(path):
     return config
-  from alignax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(config)
   cfg = hf_config.model_config_from_hf(read_hf_config(path))
   if not (c.tokenizer.kind == 'hf' and c.tokenizer.path):

@@ -14,6 +14,7 @@ import functools
 import jax.numpy as jnp
 
 from alignax import losses
+from alignax.models import heads
 from alignax.objectives import preference
 
 
@@ -59,6 +60,5 @@ def from_config(config):
 def model_builder(config):
   """``RewardModel`` for ``state.create_train_state``."""
   del config
-  from alignax.models import heads  # pylint: disable=g-import-not-at-top
   return heads.RewardModel
 

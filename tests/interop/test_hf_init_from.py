@@ -33,6 +33,7 @@ from alignax import defaults  # noqa: E402
 from alignax import state as state_lib  # noqa: E402
 from alignax.data import embedded  # noqa: E402
 from alignax.interop import hf  # noqa: E402
+from alignax.models import ModelConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -138,7 +139,6 @@ def test_launch_dpo_demo_from_an_hf_directory(hf_dir, tmp_path):
   c = defaults.base_config()
   c.checkpoint.init_from = path
   cfg = hf.run_config(c).model
-  from alignax.models import ModelConfig  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(**cfg)
   graphdef, abstract = state_lib.abstract_model(cfg)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),

@@ -57,9 +57,7 @@ def test_bradley_terry_numpy_and_hand_values():
 
 
 def test_bradley_terry_gradients_and_jit():
-  c = jnp.array([1.0, -2.0, 0.3], jnp.float64) if jax.config.x64_enabled else (
-      jnp.array([1.0, -2.0, 0.3]))
-  r = jnp.array([-0.5, 1.0, 0.1], c.dtype)
+  c, r = jnp.array([1.0, -2.0, 0.3]), jnp.array([-0.5, 1.0, 0.1])
   fn = lambda a, b: losses.bradley_terry_loss(a, b, margin=0.2,
                                               center_coef=0.1)
   check_grads(fn, (c, r), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
