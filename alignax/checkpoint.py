@@ -31,6 +31,7 @@ class Checkpointer:
     if keep <= 0:
       raise ValueError(f"config.checkpoint.keep={keep} must be > 0")
     self.save_every = save_every
+    self._closed = False
     self._mngr = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -42,6 +43,10 @@ class Checkpointer:
     return self._mngr.directory
 
   def latest_step(self) -> int | None:
+    """The newest finished step (read from disk once the manager is closed)."""
+    if self._closed:
+      steps = ocp.utils.checkpoint_steps(self.directory)
+      return max(steps) if steps else None
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -95,8 +100,14 @@ class Checkpointer:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Finishes the save in flight, then closes; a second call does nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._mngr.wait_until_finished()
+    finally:
+      self._mngr.close()
 
 
 def _resolve(path: str) -> tuple[str, int]:

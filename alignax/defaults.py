@@ -8,15 +8,22 @@ values that are inconsistent with each other.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from alignax import objectives
 from alignax import sharding
+from alignax.data import sources
+from alignax.data import tasks
+from alignax.models import ModelConfig
+from alignax.objectives import contrastive
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameter init, data order and the step rng
-  c.objective = "lm"  # key of train.OBJECTIVES
+  c.objective = "lm"  # key of alignax.objectives.OBJECTIVES
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 0  # 0 = the tokenizer's size rounded up to a multiple of 128
@@ -34,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # parameter dtype (keep fp32)
   c.model.remat = "none"  # none | full | dots_saveable | nothing_saveable
   c.model.attention = "fused"  # fused (jax.nn.dot_product_attention) | einsum
-  c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | xla | cudnn
+  c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation for fused and decode: None | xla | cudnn
   # Family fields (see models.ModelConfig); an imported Hugging Face model
   # (checkpoint.init_from=HF_DIR) sets them from its config.json.
   c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
@@ -96,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.beta = 0.1  # inverse temperature of the implicit reward beta*log(pi/pi_ref)
   c.preference.loss_type = "sigmoid"  # dpo: TRL loss_type, or several joined by commas
   c.preference.loss_weights = ()  # dpo: weight per loss_type entry (() = all 1)
-  c.preference.label_smoothing = 0.0  # cDPO / robust / aot / cpo / simpo label smoothing
+  c.preference.label_smoothing = 0.0  # robust / exo_pair (epsilon) / aot / cpo / simpo label smoothing (TRL)
   c.preference.f_divergence = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
   c.preference.alpha_divergence_coef = 0.5  # alpha of f_divergence='alpha_divergence'
   c.preference.discopop_tau = 0.05  # temperature of loss_type='discopop'
@@ -108,12 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.kto_desirable_weight = 1.0  # kto: lambda_D
   c.preference.kto_undesirable_weight = 1.0  # kto: lambda_U
   c.preference.modpo_weights = (1.0,)  # modpo: [w_0, w_1..w_M], M = len(data.preference.reward_fields)
-  c.preference.cache_reference = False  # precompute reference log-probs (reference_cache.prepare)
+  c.preference.cache_reference = False  # precompute reference log-probs before training (alignax.reference)
   c.preference.reference_cache_dir = ""  # root of reference caches ("" = workdir/reference_cache)
   c.preference.logps_chunk = 0  # sequence chunk of the log-prob computation (0 = whole rows)
 
   c.contrastive = ml_collections.ConfigDict()  # contrastive / cafe objectives
-  c.contrastive.loss = "clip"  # clip | siglip | infonce (MNRL: hard negatives as columns) | mv_infonce
+  c.contrastive.loss = "clip"  # clip | siglip | infonce (MNRL: hard negatives as columns) | mv_infonce | dcl | dhel | mv_dhel | symile
   c.contrastive.pooling = "last"  # last | mean | first token of each text
   c.contrastive.proj_dim = 0  # linear projection after pooling (0 = none)
   c.contrastive.normalize = True  # L2-normalise the embeddings
@@ -129,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.contrastive.lm_weight = 1.0  # cafe: weight of the LM loss
 
   c.data = ml_collections.ConfigDict()
-  c.data.task = "lm"  # key of train.DATA_TASKS: how records become batches
+  c.data.task = "lm"  # key of alignax.data.tasks.DATA_TASKS: how records become batches
   c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds
   c.data.paths = ()  # files of the train split (jsonl/parquet/array_record)
   c.data.eval_paths = ()  # files of the held-out split
@@ -153,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.preference.max_response_len = 64  # response tokens kept, from the start
   c.data.preference.reward_fields = ()  # modpo: score fields of the other objectives
   c.data.preference.task_repeats = 4  # embedded task: distractor draws per function
-  c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by prepare)
+  c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by alignax.reference)
   c.data.preference.chat_template = ""  # "" = built-in; HF model dir, tokenizer_config.json or .jinja
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -165,15 +172,91 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+_finite = lambda v: isinstance(v, (int, float)) and not isinstance(
+    v, bool) and math.isfinite(v)
+_positive = lambda v: _finite(v) and v > 0
+_non_negative = lambda v: _finite(v) and v >= 0
+_positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and (
+    v > 0)
+_non_negative_int = lambda v: isinstance(v, int) and not isinstance(
+    v, bool) and v >= 0
+_fraction = lambda v: _finite(v) and 0 <= v < 1
+
+# field -> (check, what a valid value is). Values that no run can use, found
+# before anything is built or written.
+VALUE_CHECKS = {
+    "seed": (_non_negative_int, "an integer >= 0"),
+    "optimizer.lr": (_non_negative, "a finite number >= 0"),
+    "optimizer.warmup_steps": (_non_negative_int, "an integer >= 0"),
+    "optimizer.final_lr_ratio": (_non_negative, "a finite number >= 0"),
+    "optimizer.b1": (_fraction, "in [0, 1)"),
+    "optimizer.b2": (_fraction, "in [0, 1)"),
+    "optimizer.eps": (_positive, "a finite number > 0"),
+    "optimizer.weight_decay": (_non_negative, "a finite number >= 0"),
+    "optimizer.grad_clip_norm": (_non_negative, "a finite number >= 0 (0 = off)"),
+    "optimizer.schedule_steps": (_non_negative_int, "an integer >= 0"),
+    "train.steps": (_positive_int, "an integer > 0"),
+    "train.batch_size": (_positive_int, "an integer > 0"),
+    "train.seq_len": (_positive_int, "an integer > 0"),
+    "train.microbatches": (_positive_int, "an integer > 0"),
+    "train.log_every": (_positive_int, "an integer > 0"),
+    "train.eval_every": (_non_negative_int, "an integer >= 0 (0 = never)"),
+    "train.eval_batches": (_positive_int, "an integer > 0"),
+    "train.z_loss": (_non_negative, "a finite number >= 0"),
+    "checkpoint.save_every": (_positive_int, "an integer > 0"),
+    "checkpoint.keep": (_positive_int, "an integer > 0"),
+    "preference.beta": (_positive, "a finite number > 0"),
+    "preference.label_smoothing": (_fraction, "in [0, 1)"),
+    "preference.sft_weight": (_non_negative, "a finite number >= 0"),
+    "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
+    "data.heldout_fraction": (_fraction, "in [0, 1)"),
+    "tokenizer.vocab_size": (_positive_int, "an integer > 0"),
+    "tokenizer.num_sentinels": (_non_negative_int, "an integer >= 0"),
+}
+CHOICES = {
+    "train.on_nonfinite": ("stop", "skip"),
+    "reference": ("none", "frozen"),
+    "data.source": sources.SOURCES,
+    "tokenizer.kind": ("sentencepiece", "hf"),
+    "optimizer.name": ("adamw",),
+}
+
+
+def _get(c, field):
+  for key in field.split("."):
+    c = c[key]
+  return c
+
+
+def check_values(c: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the field for a value no run can use.
+
+  Needs no devices and builds nothing: the launcher and ``train.run`` call
+  it before any model is built or any file is written.
+  """
+  for field, (ok, want) in VALUE_CHECKS.items():
+    value = _get(c, field)
+    if not ok(value):
+      raise ValueError(f"config.{field}={value!r} must be {want}")
+  for field, choices in CHOICES.items():
+    value = _get(c, field)
+    if value not in choices:
+      raise ValueError(f"config.{field}={value!r}: use one of {list(choices)}")
+  objectives.spec(c.objective)  # one-line errors naming the known values
+  tasks.task(c.data.task)
+  fields = dict(c.model)
+  fields["vocab_size"] = fields["vocab_size"] or 128  # 0 = the tokenizer's
+  try:
+    ModelConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model: {e}") from None
+
+
 def validate(c: ml_collections.ConfigDict, *, num_devices: int,
              batch_ways: int) -> None:
   """Raises ``ValueError`` naming the field for inconsistent settings."""
+  check_values(c)
   t = c.train
-  if t.steps <= 0:
-    raise ValueError(f"config.train.steps={t.steps} must be > 0")
-  if t.on_nonfinite not in ("stop", "skip"):
-    raise ValueError(f"config.train.on_nonfinite={t.on_nonfinite!r}: use "
-                     "'stop' or 'skip'")
   if t.microbatches <= 0 or t.batch_size % t.microbatches:
     raise ValueError(f"config.train.batch_size={t.batch_size} must be a "
                      f"multiple of config.train.microbatches={t.microbatches}")
@@ -185,8 +268,6 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
   if t.seq_len > c.model.max_seq_len:
     raise ValueError(f"config.train.seq_len={t.seq_len} exceeds "
                      f"config.model.max_seq_len={c.model.max_seq_len}")
-  if c.reference not in ("none", "frozen"):
-    raise ValueError(f"config.reference={c.reference!r}: use 'none' or 'frozen'")
   p, dp = c.preference, c.data.preference
   if p.cache_reference and c.reference == "frozen":
     raise ValueError("config.preference.cache_reference=True replaces the frozen "
@@ -198,13 +279,6 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError(f"config.data.preference.list_size={dp.list_size} must be "
                      f">= 2 and groups_per_row={dp.groups_per_row} >= 1")
   _validate_contrastive(c, batch_ways)
-  from alignax import train  # late import: train imports this module
-  if c.objective not in train.OBJECTIVES:
-    raise ValueError(f"config.objective={c.objective!r}: known objectives "
-                     f"are {sorted(train.OBJECTIVES)}")
-  if c.data.task not in train.DATA_TASKS:
-    raise ValueError(f"config.data.task={c.data.task!r}: known tasks are "
-                     f"{sorted(train.DATA_TASKS)}")
 
 
 def _validate_contrastive(c: ml_collections.ConfigDict, batch_ways: int) -> None:
@@ -221,9 +295,9 @@ def _validate_contrastive(c: ml_collections.ConfigDict, batch_ways: int) -> None
         f"config.train.microbatches={c.train.microbatches}: contrastive losses "
         "need the whole batch in one step; bound memory with "
         "config.contrastive.chunk_size (gradient caching) instead")
-  if k.loss not in ("clip", "siglip", "infonce", "mv_infonce"):
-    raise ValueError(f"config.contrastive.loss={k.loss!r}: use clip, siglip, "
-                     "infonce or mv_infonce")
+  if k.loss not in contrastive.LOSSES:
+    raise ValueError(f"config.contrastive.loss={k.loss!r}: use one of "
+                     f"{sorted(contrastive.LOSSES)}")
   if k.pooling not in ("last", "mean", "first"):
     raise ValueError(f"config.contrastive.pooling={k.pooling!r}: use last, "
                      "mean or first")
@@ -241,3 +315,24 @@ def _validate_contrastive(c: ml_collections.ConfigDict, batch_ways: int) -> None
         f"config.contrastive.chunk_size={k.chunk_size} must divide the "
         f"{texts} texts of a batch (batch_size x data.num_views) and be a "
         f"multiple of the {batch_ways} data x fsdp ways")
+
+
+def field_docs() -> list[tuple[str, object, str]]:
+  """``(field, default, comment)`` of every field, read from this source."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  defaults = base_config()
+  out = []
+  for line in inspect.getsource(base_config).splitlines():
+    match = re.match(r"\s*c\.([\w.]+) = .*?(?:#\s*(.*))?$", line)
+    if match and not isinstance(_get(defaults, match.group(1)),
+                                ml_collections.ConfigDict):
+      out.append((match.group(1), _get(defaults, match.group(1)),
+                  match.group(2) or ""))
+  return out
+
+
+if __name__ == "__main__":
+  # python -m alignax.defaults: every field, its default and what it means.
+  for name, value, comment in field_docs():
+    print(f"--config.{name}={value!r}  # {comment}")

@@ -90,18 +90,59 @@ def throughput(tokens: float, seconds: float, flops_per_token: float,
           "mfu": tps * flops_per_token / (num_devices * peak_flops)}
 
 
-class MetricsWriter:
-  """Writes one JSON object per log step and TensorBoard scalars (process 0)."""
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the records of ``path`` past ``last_step``; returns how many.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A run killed after logging step ``N + k`` resumes from its checkpoint
+  ``N`` and logs ``N + 1..`` again: without this each of those steps would
+  appear twice. The file is rewritten under a temporary name and renamed,
+  so a crash here leaves the old file or the new one, never half of one.
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut by a kill mid-write
+  if len(keep) == len(lines):
+    return 0
+  with open(path + ".tmp", "w") as f:
+    f.writelines(line if line.endswith("\n") else line + "\n"
+                 for line in keep)
+  os.replace(path + ".tmp", path)
+  return len(lines) - len(keep)
+
+
+class MetricsWriter:
+  """Writes one JSON object per log step and TensorBoard scalars (process 0).
+
+  ``resume_step``: the checkpoint step a run resumes from; records and
+  TensorBoard events past it (logged before a crash, about to be logged
+  again) are dropped, so every step appears once after any number of
+  resumes.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               resume_step: int = 0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step:
+        truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter  # heavy import, process 0 only
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      # purge_step hides the events at or past it that an earlier run wrote.
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                               purge_step=resume_step + 1 if resume_step
+                               else None)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -116,7 +157,7 @@ class MetricsWriter:
     self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
 

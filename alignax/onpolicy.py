@@ -62,8 +62,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from alignax import checkpoint as ckpt_lib
+from alignax import cli
 from alignax import generate as gen
+from alignax import init_from
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax import train
@@ -178,14 +179,10 @@ class RewardModelScorer:
 
   def __init__(self, config, path: str, tokenizer, mesh=None):
     self._tok, self._pref = tokenizer, config.data.preference
-    cfg = train.build_model_config(config.model, tokenizer)
-    self._graphdef, abstract = state_lib.abstract_model(cfg, heads.RewardModel)
+    cfg = state_lib.build_model_config(config.model, tokenizer)
     mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
-    shardings = shd.param_shardings(abstract, mesh, config.sharding_rules)
-    target = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        nnx.to_pure_dict(abstract), shardings)
-    self._params = ckpt_lib.load_params(path, target)
+    self._graphdef, self._params = init_from.model_params(
+        path, cfg, mesh, config.sharding_rules, build=heads.RewardModel)
     self._rows = shd.global_batch_size(mesh)
 
   def _row(self, prompt: str, response: str) -> list[int]:
@@ -279,25 +276,17 @@ class _Policy:
 
   def __init__(self, config, workdir):
     self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-    self.model_cfg = train.build_model_config(config.model, self.tokenizer)
-    self.graphdef, abstract = state_lib.abstract_model(self.model_cfg)
+    self.model_cfg = state_lib.build_model_config(config.model,
+                                                  self.tokenizer)
     self.mesh = shd.make_mesh(config.mesh)
-    self.shardings = shd.param_shardings(abstract, self.mesh,
-                                         config.sharding_rules)
-    self.target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nnx.to_pure_dict(abstract), self.shardings)
     self.seed, self.rules = config.seed, config.sharding_rules
+    self.graphdef, _ = state_lib.abstract_model(self.model_cfg)
 
   def params(self, path):
-    """A checkpoint's parameters; the run's fresh init when ``path`` is None."""
-    if path is None:
-      return jax.jit(lambda: state_lib.init_params(self.model_cfg, self.seed),
-                     out_shardings=self.shardings)()
-    if hf.is_hf_dir(path):
-      return hf.load_hf(path, mesh=self.mesh, rules=self.rules,
-                        vocab_size=self.model_cfg.vocab_size)[1]
-    return ckpt_lib.load_params(path, self.target)
+    """A checkpoint's (or HF directory's) parameters; the run's fresh init
+    when ``path`` is None."""
+    return init_from.model_params(path or "", self.model_cfg, self.mesh,
+                                  self.rules, seed=self.seed)[1]
 
 
 def run(config, workdir: str, task=None) -> list[dict[str, float]]:
@@ -356,25 +345,13 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
   return history
 
 
-def _cli():
-  """``python -m alignax.onpolicy --config=... --workdir=...``."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config = config_flags.DEFINE_config_file("config", None, "Recipe file.")
-  workdir = flags.DEFINE_string("workdir", None, "Root of the rounds.")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(argv):
-    del argv
-    for h in run(config.value, workdir.value):
-      print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                        for k, v in h.items()
-                        if k.startswith(("heldout/", "eval/rewards", "round",
-                                         "eval/logps/acc"))}))
-
-  app.run(main)
+def _print_rounds(config, workdir):
+  for h in run(config, workdir):
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in h.items()
+                      if k.startswith(("heldout/", "eval/rewards", "round",
+                                       "eval/logps/acc"))}))
 
 
 if __name__ == "__main__":
-  _cli()
+  cli.config_command(_print_rounds, "Root of the rounds.")

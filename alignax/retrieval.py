@@ -1,4 +1,4 @@
-"""Exact retrieval on device and IR metrics, in the loop or on a checkpoint.
+"""Exact retrieval on device and IR metrics: the held-out evaluator of the loop.
 
 :func:`retrieve` scores every query against every document (brute force,
 exact) and keeps the top ``k`` with ``jax.lax.top_k``; with a mesh the
@@ -14,22 +14,13 @@ global result. :func:`ranking_metrics` follows sentence-transformers'
 * MAP@k: sum of precision@r at each relevant rank ``r <= k``, divided by
   ``min(k, #relevant)``.
 
-Standalone, on the held-out split of a run's data (``--checkpoint`` empty =
-the untrained head on a fresh model; an LM checkpoint = its backbone with a
-fresh head)::
-
-  python -m alignax.retrieval --config=configs/dual_encoder_demo.py \\
-      --checkpoint=/tmp/alignax_dual_encoder
-
-``--mine_to=FILE --num_negatives=3`` instead writes the train pairs with
-hard negatives mined by the model (JSONL, for ``data.source='jsonl'``).
+The command that evaluates a checkpoint on its own, or mines hard negatives
+with it, is :mod:`alignax.mine`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +119,7 @@ def ranking_metrics(ids, relevant, *, recall_at=RECALL_AT, mrr_at=MRR_AT,
   return out
 
 
-def _global(array, mesh):
+def global_rows(array, mesh):
   """Places a host array identical on every process, rows over batch axes.
 
   Rows are zero-padded to a multiple of the batch ways.
@@ -178,7 +169,8 @@ class RetrievalEvaluator:
                for _ in range(2)]
       count = len(tokens[rows])
       batch[0][:count], batch[1][:count] = tokens[rows], segment_ids[rows]
-      emb = self._encode(params, *(_global(x, self._mesh) for x in batch))
+      emb = self._encode(params,
+                         *(global_rows(x, self._mesh) for x in batch))
       out.append(multihost_utils.process_allgather(emb, tiled=True)[:count])
     return np.concatenate(out)
 
@@ -189,7 +181,7 @@ class RetrievalEvaluator:
 
   def __call__(self, params) -> dict[str, float]:
     queries, corpus = self.embeddings(params)
-    _, ids = retrieve(queries, _global(corpus, self._mesh), k=self._k,
+    _, ids = retrieve(queries, global_rows(corpus, self._mesh), k=self._k,
                       mesh=self._mesh, num_valid=len(corpus))
     metrics = ranking_metrics(ids, self._relevant)
     return {f"retrieval/{k}": float(jnp.mean(v)) for k, v in metrics.items()}
@@ -208,104 +200,3 @@ def from_config(config, tokenizer, mesh, graphdef) -> RetrievalEvaluator:
       doc_prefix=pairs.option(d, "doc_prefix") if is_pair else "",
       add_bos=d.get("add_bos", False),
       bidirectional=config.contrastive.bidirectional)
-
-
-def load_embedding_params(config, checkpoint, tokenizer, mesh):
-  """``(graphdef, params)`` of the run's embedding model from ``checkpoint``.
-
-  Parameters the checkpoint lacks (a fresh head on an LM checkpoint) keep
-  their initialisation from ``config.seed``; ``checkpoint=''`` gives an
-  untrained model.
-  """
-  # Late imports: train imports this module.
-  # pylint: disable=g-import-not-at-top
-  from alignax import checkpoint as ckpt_lib
-  from alignax import state as state_lib
-  from alignax import train
-  from alignax.objectives import contrastive
-  # pylint: enable=g-import-not-at-top
-  model_cfg = train.build_model_config(config.model, tokenizer)
-  build = contrastive.embedding_model_builder(config)
-  graphdef, abstract = state_lib.abstract_model(model_cfg, build)
-  shardings = shd.param_shardings(abstract, mesh, config.sharding_rules)
-  params = jax.jit(lambda: state_lib.init_params(model_cfg, config.seed, build),
-                   out_shardings=shardings)()
-  if checkpoint:
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        params)
-    params = state_lib.fill_missing(ckpt_lib.load_params(checkpoint, target),
-                                    params)
-  return graphdef, params
-
-
-def mine_to_file(config, graphdef, params, tokenizer, mesh, path, *,
-                 num_negatives, skip_top=0, margin=None):
-  """Writes the train pairs with model-mined hard negatives; returns count."""
-  d = config.data
-  queries, corpus, relevant, _ = pairs.retrieval_set(d, "train")
-  evaluator = RetrievalEvaluator(
-      queries, corpus, relevant, tokenizer=tokenizer, graphdef=graphdef,
-      mesh=mesh, seq_len=config.train.seq_len,
-      batch_size=config.train.batch_size,
-      query_prefix=pairs.option(d, "query_prefix"),
-      doc_prefix=pairs.option(d, "doc_prefix"))
-  q, c = evaluator.embeddings(params)
-  k = min(len(corpus), 1 + skip_top + 4 * num_negatives)
-  scores, ids = retrieve(q, _global(c, mesh), k=k, mesh=mesh,
-                         num_valid=len(c))
-  positives = np.array([r[0] for r in relevant])
-  negatives = pairs.select_hard_negatives(
-      scores, ids, positives, num_negatives=num_negatives, skip_top=skip_top,
-      margin=margin)
-  records = [{"query": qt, "positive": corpus[p]}
-             for qt, p in zip(queries, positives)]
-  return pairs.write_with_negatives(records, negatives, corpus, path)
-
-
-def main(argv):
-  del argv
-  # pylint: disable=g-import-not-at-top
-  from absl import flags
-  from absl import logging
-  from alignax.data import tokenizer as tok_lib
-  # pylint: enable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  f = flags.FLAGS
-  config = f.config
-  mesh = shd.make_mesh(config.mesh)
-  workdir = f.checkpoint or tempfile.mkdtemp()
-  tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-  graphdef, params = load_embedding_params(config, f.checkpoint, tokenizer,
-                                           mesh)
-  if f.mine_to:
-    n = mine_to_file(config, graphdef, params, tokenizer, mesh, f.mine_to,
-                     num_negatives=f.num_negatives, skip_top=f.skip_top,
-                     margin=f.margin)
-    print(f"wrote {n} pairs with {f.num_negatives} mined negatives to "
-          f"{f.mine_to}")
-    return
-  evaluator = from_config(config, tokenizer, mesh, graphdef)
-  print(json.dumps({k: round(v, 5) for k, v in evaluator(params).items()}))
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Recipe file.",
-                                  lock_config=True)
-  flags.DEFINE_string("checkpoint", "", "Workdir, checkpoints dir or step "
-                      "dir; empty = untrained model.")
-  flags.DEFINE_string("mine_to", "", "Write train pairs with mined hard "
-                      "negatives to this JSONL file instead of evaluating.")
-  flags.DEFINE_integer("num_negatives", 3, "Mined negatives per pair.")
-  flags.DEFINE_integer("skip_top", 0, "Top candidates skipped when mining.")
-  flags.DEFINE_float("margin", None, "Mined negatives score at most the "
-                     "positive's minus this.")
-  flags.mark_flags_as_required(["config"])
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)

@@ -22,10 +22,6 @@ from jax.sharding import Mesh, NamedSharding
 from alignax import sharding as shd
 from alignax.models import ModelConfig, Transformer
 
-# Variables are created unsharded and placed by jit's out_shardings instead
-# (flax >= 0.12 would otherwise demand a mesh context for annotated kernels).
-nnx.use_eager_sharding(False)
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -48,6 +44,21 @@ class TrainState:
   loss_scale: jax.Array
   good_steps: jax.Array
   extras: Any = flax.struct.field(default_factory=dict)
+
+
+def build_model_config(model_cfg: Mapping[str, Any], tokenizer) -> ModelConfig:
+  """``ModelConfig`` from ``config.model``; vocab 0 = tokenizer's, padded.
+
+  The vocabulary is rounded up to a multiple of 128 (MXU-friendly); a
+  configured size smaller than the tokenizer's is an error.
+  """
+  fields = dict(model_cfg)
+  if fields["vocab_size"] == 0:
+    fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+  elif fields["vocab_size"] < tokenizer.vocab_size:
+    raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is "
+                     f"smaller than the tokenizer's {tokenizer.vocab_size} ids")
+  return ModelConfig(**fields)
 
 
 def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:

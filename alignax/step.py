@@ -7,9 +7,12 @@
 microbatch, sums gradients over microbatches and divides by the total count,
 so accumulation gives exactly the gradient of the full-batch mean.
 
-Non-finite losses or gradients never reach the parameters: the update is
-dropped inside the step and reported as ``nonfinite``; the loop decides
-whether to stop (the default) or go on (``on_nonfinite='skip'``). With dynamic
+Non-finite values never reach the state: when the loss, the gradients, the
+new parameters, the new optimizer state or the objective's new extras hold
+a NaN or Inf (an lr that overflows float32 makes finite gradients give
+infinite parameters), the whole update is dropped inside the step and
+reported as ``nonfinite``; the loop decides whether to stop (the default)
+or go on (``on_nonfinite='skip'``). With dynamic
 loss scaling (fp16 compute) such steps halve the scale instead, as in
 mixed-precision training (Micikevicius et al., 2018).
 """
@@ -49,8 +52,13 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(tree) -> jax.Array:
+  """True when every float leaf of ``tree`` is finite (ints always are)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _extras_kwarg(extras):
@@ -122,9 +130,11 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
                                      state.extras)
     # d(sum)/count = d(mean): exact for any split into microbatches.
     grads = jax.tree.map(lambda g: g / (scale * jnp.maximum(count, 1e-9)), grads)
-    finite = _all_finite(grads) & jnp.isfinite(metrics["loss"][0])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    extras = update_extras(state.extras, metrics)
+    finite = (all_finite(grads) & jnp.isfinite(metrics["loss"][0])
+              & all_finite((params, opt_state, extras)))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_scale, good = _next_loss_scale(state, finite, loss_scale)
     new_state = state.replace(
@@ -132,7 +142,7 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         rng=rng, loss_scale=new_scale, good_steps=good,
-        extras=keep(update_extras(state.extras, metrics), state.extras))
+        extras=keep(extras, state.extras))
     one = jnp.float32(1.0)
     metrics = dict(metrics)
     metrics.update(

@@ -20,58 +20,18 @@ from tqdm import tqdm
 
 from alignax import checkpoint as ckpt_lib
 from alignax import defaults
+from alignax import init_from
 from alignax import metrics as metrics_lib
+from alignax import objectives
+from alignax import reference
 from alignax import retrieval
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax import step as step_lib
-from alignax.data import pairs
 from alignax.data import pipeline
-from alignax.data import preference as preference_data
+from alignax.data import tasks
 from alignax.data import tokenizer as tok_lib
-from alignax.data import ul2_pipeline
 from alignax.interop import hf
-from alignax.models import ModelConfig
-from alignax.objectives import binary
-from alignax.objectives import contrastive
-from alignax.objectives import lm
-from alignax.objectives import preference
-from alignax.objectives import reward
-from alignax.objectives import ul2 as ul2_objective
-
-# config.objective -> from_config(config) returning
-# objective(model, batch, rng, *, frozen) -> (loss_sum, (loss_count, metrics)).
-OBJECTIVES = {
-    "lm": lm.from_config,
-    "contrastive": contrastive.from_config,
-    "cafe": contrastive.cafe_from_config,
-    "dpo": preference.dpo_from_config,
-    "lipo": preference.lipo_from_config,
-    "kto": preference.kto_from_config,
-    "modpo": preference.modpo_from_config,
-    "orpo": preference.orpo_from_config,
-    "simpo": preference.simpo_from_config,
-    "cpo": preference.cpo_from_config,
-    "reward_model": reward.from_config,
-    "bco": binary.bco_from_config,
-    "npo": binary.npo_from_config,
-    "ul2": ul2_objective.from_config,
-}
-
-# config.data.task -> (train dataset builder, eval batches builder); both take
-# the arguments of pipeline.build_lm_dataset / pipeline.build_eval_batches.
-DATA_TASKS = {
-    "lm": (pipeline.build_lm_dataset, pipeline.build_eval_batches),
-    "pairs": (pairs.build_pairs_dataset, pairs.build_pair_eval_batches),
-    "cafe": (pairs.build_cafe_dataset, pairs.build_cafe_eval_batches),
-    "preference": (preference_data.build_preference_dataset,
-                   preference_data.build_preference_eval_batches),
-    "ul2": (ul2_pipeline.build_ul2_dataset,
-            ul2_pipeline.build_ul2_eval_batches),
-}
-
-# Objectives whose loss is a token cross-entropy (eval/perplexity = exp).
-LM_OBJECTIVES = ("lm", "ul2")
 
 # config.data.task -> builder(config, tokenizer, mesh, graphdef) of
 # evaluate(params) -> {name: float}, merged into the held-out metrics.
@@ -79,21 +39,6 @@ EVALUATORS = {
     "pairs": retrieval.from_config,
     "cafe": retrieval.from_config,
 }
-
-
-def build_objective(config):
-  return OBJECTIVES[config.objective](config)
-
-
-def build_model_config(model_cfg, tokenizer) -> ModelConfig:
-  """``ModelConfig`` from ``config.model``; vocab 0 = tokenizer's, padded."""
-  fields = dict(model_cfg)
-  if fields["vocab_size"] == 0:
-    fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-  elif fields["vocab_size"] < tokenizer.vocab_size:
-    raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is "
-                     f"smaller than the tokenizer's {tokenizer.vocab_size} ids")
-  return ModelConfig(**fields)
 
 
 def build_loss_scale(config) -> step_lib.LossScaleConfig:
@@ -112,14 +57,12 @@ class Trainer:
     defaults.validate(config, num_devices=self.mesh.size,
                       batch_ways=self.batch_ways)
     self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-    self.model_cfg = build_model_config(config.model, self.tokenizer)
+    self.model_cfg = state_lib.build_model_config(config.model, self.tokenizer)
     self.optimizer, self.schedule = state_lib.build_optimizer(
         config.optimizer, config.optimizer.schedule_steps or config.train.steps)
     # None = the plain Transformer; embedding and reward objectives add a head.
-    self.build_model = (reward.model_builder(config)
-                        if config.objective == "reward_model"
-                        else contrastive.model_builder(config))
-    self.objective = build_objective(config)
+    self.build_model = objectives.model_builder(config)
+    self.objective = objectives.build_objective(config, mesh=self.mesh)
     # A stateful objective (BCO's running reward mean) keeps it in the state.
     self.extras = getattr(self.objective, "init_extras", dict)()
     self.graphdef, self.state, self.shardings = state_lib.create_train_state(
@@ -147,7 +90,7 @@ class Trainer:
 
   def _make_train_iter(self):
     c = self.config
-    ds = DATA_TASKS[c.data.task][0](
+    ds = tasks.task(c.data.task)[0](
         c.data, self.tokenizer, split="train", seed=c.seed,
         seq_len=c.train.seq_len, batch_size=self.local_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -156,31 +99,24 @@ class Trainer:
   def eval_batches(self):
     if self._eval_batches is None:
       c = self.config
-      self._eval_batches = list(DATA_TASKS[c.data.task][1](
+      self._eval_batches = list(tasks.task(c.data.task)[1](
           c.data, self.tokenizer, seq_len=c.train.seq_len,
           batch_size=self.local_batch, num_batches=c.train.eval_batches,
           process_index=jax.process_index(), process_count=jax.process_count()))
     return self._eval_batches
 
   def _init_from(self, path: str) -> None:
-    """Replaces the fresh parameters by a checkpoint's (new optimizer state).
+    """Replaces the fresh parameters by ``path``'s (new optimizer state).
 
     ``path`` is an alignax run, step or import directory, or a Hugging Face
-    model directory (streamed onto the mesh by ``interop.hf.load_hf``).
+    model directory (``init_from.load_init_params``).
     """
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         self.state.params, self.shardings.params)
-    if hf.is_hf_dir(path):
-      _, loaded = hf.load_hf(
-          path, mesh=self.mesh, rules=self.config.sharding_rules,
-          param_dtype=self.model_cfg.param_dtype,
-          vocab_size=self.model_cfg.vocab_size)
-      params = {k: loaded.get(k, v) for k, v in target.items()}
-    else:
-      params = ckpt_lib.load_params(path, target)
-    # Parameters the checkpoint lacks (a new embedding head) stay fresh.
-    params = state_lib.fill_missing(params, self.state.params)
+    params = init_from.load_init_params(
+        path, target, mesh=self.mesh, rules=self.config.sharding_rules,
+        fresh=self.state.params)
     opt_state = jax.jit(self.optimizer.init,
                         out_shardings=self.shardings.opt_state)(params)
     self.state = self.state.replace(params=params, opt_state=opt_state)
@@ -211,7 +147,7 @@ class Trainer:
       acc.add(self.eval_step(self.state.params, shd.host_to_global(batch, self.mesh),
                              self.frozen, self.state.extras))
     out = acc.result()
-    if "loss" in out and self.config.objective in LM_OBJECTIVES:
+    if "loss" in out and objectives.spec(self.config.objective).token_loss:
       out["perplexity"] = float(np.exp(out["loss"]))
     task = self.config.data.task
     if task in EVALUATORS:
@@ -244,16 +180,20 @@ def describe(trainer: Trainer) -> str:
   ])
 
 
-def _check_finite(pending, on_nonfinite: str, last_saved) -> None:
+class NonFiniteStepError(FloatingPointError):
+  """A step whose update was dropped as non-finite, with ``on_nonfinite='stop'``."""
+
+
+def _check_finite(pending, on_nonfinite: str) -> None:
   """Raises on the first non-finite step when the config says to stop."""
   for step, m in pending:
     if float(m["nonfinite"][0]) and on_nonfinite == "stop":
       loss, count = (float(x) for x in m["loss"])
-      raise FloatingPointError(
-          f"step {step}: non-finite loss or gradients (loss sum={loss}, "
-          f"count={count}, grad_norm={float(m['grad_norm'][0])}). The update "
-          f"was dropped; the last checkpoint is step {last_saved}. Set "
-          "config.train.on_nonfinite='skip' to step over such batches.")
+      raise NonFiniteStepError(
+          f"step {step}: non-finite loss, gradients or update (loss sum="
+          f"{loss}, count={count}, grad_norm={float(m['grad_norm'][0])}); the "
+          "update was dropped. Set config.train.on_nonfinite='skip' to step "
+          "over such batches.")
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -262,21 +202,58 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  """Trains; returns ``(trainer, last logged metrics)``."""
+  """Trains; returns ``(trainer, last logged metrics)``.
+
+  Values no run can use are rejected before anything is built or written.
+  With ``config.preference.cache_reference`` the reference log-probs are
+  computed (or found) first (:func:`alignax.reference.prepare`). On any
+  error the checkpoint being written is finished before the error goes on,
+  and a non-finite stop names the step that really is on disk.
+  """
+  defaults.check_values(config)
+  config = reference.prepare(config, workdir)
   trainer = Trainer(config, workdir)
-  c = config.train
+  try:
+    last = _train(trainer, workdir)
+  except NonFiniteStepError as e:
+    trainer.checkpointer.close()  # the save in flight lands first
+    on_disk = trainer.checkpointer.latest_step()
+    where = (f"the last checkpoint on disk is step {on_disk}"
+             if on_disk is not None else "no checkpoint is on disk yet")
+    raise NonFiniteStepError(f"{e} {where[0].upper()}{where[1:]}.") from None
+  finally:
+    trainer.checkpointer.close()  # idempotent: waits for the async save
+  return trainer, last
+
+
+def _train(trainer: Trainer, workdir: str) -> dict[str, float]:
+  """The loop: steps, logging, evaluation and checkpoints."""
   start = trainer.restore_or_init()
   is_main = jax.process_index() == 0
   ckpt_lib.write_model_config(workdir, trainer.model_cfg)  # for export tools
   if is_main:
     print(describe(trainer), flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    if start:
+      print(f"resumed from step {start} "
+            f"({os.path.join(trainer.checkpointer.directory, str(start))})",
+            flush=True)
+  # Steps past the checkpoint (logged before a crash) are logged again now.
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
+                                     resume_step=start)
+  try:
+    return _steps(trainer, writer, start)
+  finally:
+    writer.close()
+
+
+def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
+  c = trainer.config.train
+  is_main = jax.process_index() == 0
   flops_per_token = trainer.model_cfg.flops_per_token(c.seq_len)
   peak = metrics_lib.device_peak_flops()
-  bar = tqdm(total=c.steps, initial=start, disable=not (is_main and c.progress_bar),
-             dynamic_ncols=True)
+  bar = tqdm(total=c.steps, initial=start,
+             disable=not (is_main and c.progress_bar), dynamic_ncols=True)
   acc, pending, last = metrics_lib.MetricsAccumulator(), [], {}
-  last_saved = start if start else None
   tokens, t0 = 0.0, time.perf_counter()
   if start == 0 and c.eval_every:
     # The untrained model's held-out metrics: the baseline learning is judged by.
@@ -292,8 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       if boundary or saving:
         pending = jax.device_get(pending)
         # Overflow steps are routine under dynamic loss scaling: skip them.
-        _check_finite(pending, "skip" if c.loss_scaling else c.on_nonfinite,
-                      last_saved)
+        _check_finite(pending, "skip" if c.loss_scaling else c.on_nonfinite)
         for _, m in pending:
           acc.add(m)
         pending = []
@@ -311,12 +287,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         acc, tokens, t0 = metrics_lib.MetricsAccumulator(), 0.0, time.perf_counter()
       if saving:
         trainer.checkpointer.save(step, trainer.state, trainer.data_iter, force=True)
-        last_saved = step
       bar.update(1)
       if preempted:
         logging.warning("stopping at step %d after a preemption request", step)
         break
   bar.close()
-  trainer.checkpointer.close()
-  writer.close()
-  return trainer, last
+  return last

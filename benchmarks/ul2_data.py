@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alignax import sharding as shd  # noqa: E402
+from alignax import objectives  # noqa: E402
 from alignax import state as state_lib  # noqa: E402
 from alignax import step as step_lib  # noqa: E402
 from alignax import train  # noqa: E402
@@ -74,12 +75,12 @@ def pipeline_tokens_per_s(c, tokenizer, *, num_threads, batches, warmup=5):
 def train_tokens_per_s(c, tokenizer, *, steps):
   """Non-padding tokens/s of the jitted UL2 train step on a real batch."""
   mesh = shd.make_mesh(c.mesh)
-  model_cfg = train.build_model_config(c.model, tokenizer)
+  model_cfg = state_lib.build_model_config(c.model, tokenizer)
   optimizer, schedule = state_lib.build_optimizer(c.optimizer, c.train.steps)
   graphdef, state, shardings = state_lib.create_train_state(
       model_cfg, optimizer, mesh, c.sharding_rules, seed=c.seed)
   step = step_lib.jit_train_step(
-      step_lib.make_train_step(train.build_objective(c), graphdef, optimizer,
+      step_lib.make_train_step(objectives.build_objective(c), graphdef, optimizer,
                                schedule, microbatches=c.train.microbatches,
                                mesh=mesh),
       shardings, mesh)

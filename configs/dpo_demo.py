@@ -15,9 +15,9 @@ documents the demo LM never trained on. ``eval/logps/accuracies`` is the
 policy's own preference (before training: the pretrained LM's). Variants:
 ``--config.preference.loss_type=ipo`` (any TRL loss type),
 ``--config.objective=simpo --config.reference=none`` (reference-free), or
-``--config.reference=none --config.preference.cache_reference=True`` with
-``python -m alignax.data.reference_cache`` in place of the launcher
-(precomputed reference log-probs).
+``--config.reference=none --config.preference.cache_reference=True``
+(reference log-probs computed once before training, then read from disk;
+``python -m alignax.reference`` fills the cache without training).
 """
 
 from alignax import defaults

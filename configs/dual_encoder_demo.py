@@ -11,7 +11,7 @@ LM never saw. CPU minutes. Run:
   python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python launch/tpu_train.py --config=configs/dual_encoder_demo.py \\
       --workdir=/tmp/alignax_dual_encoder
-  python -m alignax.retrieval --config=configs/dual_encoder_demo.py \\
+  python -m alignax.mine --config=configs/dual_encoder_demo.py \\
       --checkpoint=/tmp/alignax_dual_encoder
 
 The config argument is the LM's workdir (default ``/tmp/alignax_demo``):

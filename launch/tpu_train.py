@@ -21,6 +21,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from alignax import cli  # noqa: E402  (defines --debug)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer.")
@@ -39,6 +41,12 @@ def _on_tpu_pod() -> bool:
 
 def main(argv):
   del argv
+  # A user's mistake prints one line and exits 2 (--debug: the traceback).
+  with cli.user_errors():
+    _run()
+
+
+def _run():
   import jax  # after absl parsed XLA-related environment flags
   if _MULTIHOST.value or _on_tpu_pod():
     if _MULTIHOST.value:
@@ -56,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

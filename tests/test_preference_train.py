@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from alignax import objectives
+from alignax import reference
 from alignax import train
 from alignax.data import preference
 from alignax.data import reference_cache
@@ -86,20 +88,20 @@ def test_cached_reference_equals_live(tok_dir, tmp_path, monkeypatch):
   cached_cfg = jsonl_config(tok_dir, tmp_path)
   cached_cfg.reference = "none"
   cached_cfg.preference.cache_reference = True
-  with pytest.raises(ValueError, match="no cache is set"):
-    train.build_objective(cached_cfg)
+  with pytest.raises(ValueError, match="reference_cache is empty"):
+    objectives.build_objective(cached_cfg)
   workdir = str(tmp_path / "cached")
-  prepared = reference_cache.prepare(cached_cfg, workdir)
+  prepared = reference.prepare(cached_cfg, workdir)
   directory = prepared.data.preference.reference_cache
   chunks = sorted(os.listdir(os.path.join(directory, "train")))
   assert chunks == [f"chunk-00000{i}.npy" for i in range(3)]  # 40 records
   # Reused as is; a lost chunk (preemption) is the only one recomputed.
   os.remove(os.path.join(directory, "train", chunks[1]))
   written = []
-  original = reference_cache.compute_split
-  monkeypatch.setattr(reference_cache, "compute_split",
+  original = reference.compute_split
+  monkeypatch.setattr(reference, "compute_split",
                       lambda *a, **k: written.append(original(*a, **k)))
-  again = reference_cache.prepare(cached_cfg, workdir)
+  again = reference.prepare(cached_cfg, workdir)
   assert again.data.preference.reference_cache == directory
   assert written == [1, 0]  # train: the lost chunk; eval: nothing
 
@@ -112,7 +114,7 @@ def test_cached_reference_equals_live(tok_dir, tmp_path, monkeypatch):
   policy = jax.tree.map(lambda x: x * 1.05, live.state.params)
   out = {}
   for name, cfg in (("frozen", live_cfg), ("cached", prepared)):
-    objective = train.build_objective(cfg)
+    objective = objectives.build_objective(cfg)
     fn = jax.jit(lambda p, f, b, o=objective: o(nnx.merge(live.graphdef, p), b,
                                                 None, frozen=f))
     out[name] = jax.device_get(fn(policy, live.frozen, batch))
@@ -167,14 +169,14 @@ def test_reference_cache_key_follows_data_and_reference(tmp_path):
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
             "b": rng.normal(size=(3,)).astype(np.float32)}
-  key, material = reference_cache.cache_key(c, _Tok(), params)
-  assert key == reference_cache.cache_key(c, _Tok(), dict(params))[0]
+  key, material = reference.cache_key(c, _Tok(), params)
+  assert key == reference.cache_key(c, _Tok(), dict(params))[0]
   assert material["data"]["train"][0][0] == str(data)
   swapped = dict(params, w=params["w"][::-1])  # same sums, other weights
-  assert reference_cache.cache_key(c, _Tok(), swapped)[0] != key
+  assert reference.cache_key(c, _Tok(), swapped)[0] != key
   moved = dict(params, b=params["b"] + 1e-3)
-  assert reference_cache.cache_key(c, _Tok(), moved)[0] != key
+  assert reference.cache_key(c, _Tok(), moved)[0] != key
   data.write_text('{"prompt": "p", "chosen": "a", "rejected": "cc"}\n')
-  assert reference_cache.cache_key(c, _Tok(), params)[0] != key  # new data
+  assert reference.cache_key(c, _Tok(), params)[0] != key  # new data
   c.train.seq_len = 64
-  assert reference_cache.cache_key(c, _Tok(), params)[0] != key
+  assert reference.cache_key(c, _Tok(), params)[0] != key

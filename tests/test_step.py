@@ -125,6 +125,27 @@ def test_nonfinite_step_is_dropped(env):
   assert int(state_a.step) == 3  # the step counter still advances
 
 
+def test_overflowing_update_with_finite_gradients_is_dropped():
+  # lr = 1e39 is Inf in float32: the gradients are finite, the update is not.
+  # Neither the parameters nor Adam's moments may take it.
+  mesh, optimizer, _, graphdef, state, shardings = setup(
+      {"fsdp": -1}, opt=dict(OPT, lr=1e39))
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(lm.lm_objective, graphdef, optimizer),
+      shardings, mesh)
+  before = jax.device_get(state)
+  state, m = step(state, shd.host_to_global(make_batch(), mesh))
+  assert float(m["nonfinite"][0]) == 1.0
+  assert np.isfinite(float(m["grad_norm"][0]))  # only the update overflowed
+  after = jax.device_get(state)
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state,
+               before.opt_state)
+  assert bool(step_lib.all_finite(after))
+  assert not bool(step_lib.all_finite({"a": jnp.ones(2), "b": jnp.inf}))
+  assert bool(step_lib.all_finite({"count": jnp.int32(3)}))
+
+
 def test_dynamic_loss_scale_halves_on_overflow_and_grows():
   cfg = step_lib.LossScaleConfig(dynamic=True, period=2, factor=2.0)
   s = state_lib.TrainState(step=0, params={}, opt_state=(), rng=None,

@@ -1,7 +1,9 @@
 """End to end: the loop, resume, restore on another mesh, metrics, errors."""
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,9 +87,9 @@ def test_metrics_files_and_learning(tok_dir, tmp_path):
 def test_nonfinite_stop_names_the_step():
   m = {"nonfinite": (1.0, 1.0), "loss": (float("nan"), 3.0),
        "grad_norm": (float("nan"), 1.0)}
-  with pytest.raises(FloatingPointError, match="step 7: non-finite.*step 5"):
-    train._check_finite([(7, m)], "stop", 5)
-  train._check_finite([(7, m)], "skip", 5)  # skipping is allowed
+  with pytest.raises(FloatingPointError, match="step 7: non-finite"):
+    train._check_finite([(7, m)], "stop")
+  train._check_finite([(7, m)], "skip")  # skipping is allowed
 
 
 def test_inconsistent_config_fields_are_named(tok_dir):
@@ -232,3 +234,130 @@ def test_restores_a_checkpoint_written_before_train_state_extras(tok_dir,
   with pytest.raises(ValueError, match="extras"):
     ck.restore(1, with_extras, trainer.data_iter)
   ck.close()
+
+
+# --- faults (issue 13): NaN never saved, metrics once, one-line errors -----
+
+
+def _saved_params(workdir, step, trainer):
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        trainer.state.params)
+  return ckpt_lib.load_params(os.path.join(workdir, "checkpoints", str(step)),
+                              target)
+
+
+def test_overflowing_lr_never_reaches_a_checkpoint(tok_dir, tmp_path):
+  # lr = 1e39 is Inf in float32 (and 0 * Inf = NaN during warmup): finite
+  # gradients, non-finite update.
+  c = tiny_config(tok_dir, on_nonfinite="skip", log_every=1, eval_every=0)
+  c.optimizer.lr = 1e39
+  trainer, last = train.run(c, str(tmp_path / "skip"))
+  assert last["train/nonfinite"] == 1.0  # every step after warmup dropped
+  for step in (2, 4):
+    params = _saved_params(str(tmp_path / "skip"), step, trainer)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  c = tiny_config(tok_dir, on_nonfinite="stop", log_every=1, eval_every=0)
+  c.optimizer.lr = 1e39
+  with pytest.raises(FloatingPointError,
+                     match="step 1: non-finite.*No checkpoint is on disk"):
+    train.run(c, str(tmp_path / "stop"))
+  steps = os.listdir(tmp_path / "stop" / "checkpoints")
+  assert not [s for s in steps if "tmp" in s]  # no half-written save
+
+
+def test_metrics_hold_each_step_once_after_resume(tok_dir, tmp_path):
+  workdir = str(tmp_path)
+  c = tiny_config(tok_dir, log_every=1, eval_every=0)
+  train.run(c, workdir)
+  # A kill after step 4 was logged but before its save landed: the resume
+  # starts from step 2 and logs steps 3 and 4 again.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  train.run(c, workdir)
+  steps = [r["step"] for r in metrics_lib.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_truncate_jsonl_keeps_records_up_to_the_step(tmp_path):
+  path = str(tmp_path / "m.jsonl")
+  with open(path, "w") as f:
+    f.write("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(6)))
+    f.write('{"step": 6, "x"')  # cut by a kill mid-write
+  assert metrics_lib.truncate_jsonl(path, 3) == 3
+  assert [r["step"] for r in metrics_lib.read_jsonl(path)] == [0, 1, 2, 3]
+  assert metrics_lib.truncate_jsonl(path, 3) == 0
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("optimizer.lr", -1.0, "config.optimizer.lr=-1.0 must be"),
+    ("optimizer.lr", float("nan"), "config.optimizer.lr=nan must be"),
+    ("optimizer.b2", 1.0, "config.optimizer.b2=1.0 must be in [0, 1)"),
+    ("train.log_every", 0, "config.train.log_every=0"),
+    ("checkpoint.keep", 0, "config.checkpoint.keep=0"),
+    ("data.source", "csv", "config.data.source='csv'"),
+    ("model.n_kv_heads", 3, "config.model: ModelConfig.n_kv_heads=3"),
+    ("preference.beta", 0.0, "config.preference.beta=0.0"),
+])
+def test_impossible_values_are_named_before_anything_is_built(
+    tok_dir, field, value, expect):
+  c = tiny_config(tok_dir)
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError) as e:
+    defaults.check_values(c)
+  assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def _launch_recipe(workdir, *overrides, config="demo.py"):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "tpu_train.py"),
+       f"--config={os.path.join(ROOT, 'configs', config)}",
+       f"--workdir={workdir}", *overrides],
+      capture_output=True, text=True, timeout=300)
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path):
+  cases = [
+      (("--config.train.stepz=3",), "stepz"),
+      (("--config.optimizer.lr=-1",), "config.optimizer.lr=-1"),
+      (("--config.mesh.data=3",), "config.mesh"),
+  ]
+  for overrides, expect in cases:
+    workdir = tmp_path / "w"
+    proc = _launch_recipe(workdir, *overrides)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines[-1].startswith("alignax: error: ") and expect in lines[-1]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not workdir.exists()  # nothing written before the check
+  proc = _launch_recipe(tmp_path / "w", config="no_such_recipe.py")
+  assert proc.returncode == 2 and "no_such_recipe" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  # --debug brings the traceback back.
+  proc = _launch_recipe(tmp_path / "w", "--config.optimizer.lr=-1", "--debug")
+  assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  # (A read-only directory would not stop root, who runs CI here.)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  proc = _launch_recipe(blocker / "run", "--config.train.steps=1")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert lines[-1].startswith("alignax: error: Not a directory")
+  assert "Traceback" not in proc.stderr
+
+
+def test_every_default_field_is_documented():
+  # python -m alignax.defaults prints these: every field, with its comment.
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield prefix + k
+  docs = defaults.field_docs()
+  assert {name for name, _, _ in docs} == set(
+      flat(defaults.base_config().to_dict()))
+  assert all(comment for _, _, comment in docs)

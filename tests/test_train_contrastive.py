@@ -13,6 +13,7 @@ import pytest
 from alignax import checkpoint as ckpt_lib
 from alignax import defaults
 from alignax import metrics as metrics_lib
+from alignax import mine
 from alignax import retrieval
 from alignax import sharding as shd
 from alignax import state as state_lib
@@ -97,7 +98,7 @@ def test_dual_encoder_resume_equals_straight_run(tok_dir, lm_workdir,
                jax.device_get(resumed.state.params))
   # The standalone evaluator on the saved checkpoint = the in-loop eval.
   c = dual_encoder_config(tok_dir, lm_workdir)
-  graphdef, params = retrieval.load_embedding_params(
+  graphdef, params = mine.load_embedding_params(
       c, str(tmp_path / "a"), straight.tokenizer, straight.mesh)
   standalone = retrieval.from_config(c, straight.tokenizer, straight.mesh,
                                      graphdef)(params)
@@ -115,10 +116,10 @@ def test_mine_hard_negatives_from_a_model(tok_dir, lm_workdir, tmp_path):
   c.data.update(source="jsonl", paths=(str(path),))
   tokenizer = tok_lib.build_tokenizer(c.tokenizer, str(tmp_path))
   mesh = shd.make_mesh(c.mesh)
-  graphdef, params = retrieval.load_embedding_params(c, lm_workdir, tokenizer,
+  graphdef, params = mine.load_embedding_params(c, lm_workdir, tokenizer,
                                                      mesh)
   out = tmp_path / "mined.jsonl"
-  n = retrieval.mine_to_file(c, graphdef, params, tokenizer, mesh, str(out),
+  n = mine.mine_to_file(c, graphdef, params, tokenizer, mesh, str(out),
                              num_negatives=2)
   assert n == 16
   positives = {r["positive"] for r in records}
@@ -195,7 +196,7 @@ def test_demo_recipes_and_the_retrieval_command(tok_dir, lm_workdir, tmp_path):
   # The standalone evaluation of the saved checkpoint prints the loop's.
   flags = [f"--config.{s}.{k}={v}" for s, values in TINY_OVERRIDES.items()
            for k, v in values.items()]
-  cmd = [sys.executable, "-m", "alignax.retrieval",
+  cmd = [sys.executable, "-m", "alignax.mine",
          f"--config={os.path.join(ROOT, 'configs', 'dual_encoder_demo.py')}:"
          f"{lm_workdir}", f"--checkpoint={workdir}",
          f"--config.tokenizer.cache_dir={tok_dir}", *flags]

@@ -1,130 +1,31 @@
-"""Reference log-probs precomputed once, so training never loads the reference.
+"""Reference log-probs precomputed once: the cache's files, written and read.
 
-``prepare(config, workdir)`` (a no-op unless
-``config.preference.cache_reference``) runs the reference model (the
-parameters of ``config.checkpoint.init_from``, else the seed's fresh init:
-the policy's starting point either way) over every example of the
-preference data, train and eval splits, and returns the config with
-``data.preference.reference_cache`` pointing at the result; the data
-pipeline then attaches ``ref_logps`` to each example by its record index.
+The data pipeline attaches ``ref_logps`` to each preference example by its
+record index from a finished cache (:func:`load`). Filling the cache
+(choosing the reference parameters, keying, running the model, writing the
+chunks with :func:`save_atomic`) lives above the data layer, in
+:mod:`alignax.reference`, which ``train.run`` calls when
+``config.preference.cache_reference`` is set.
 
-Layout: ``<root>/<key>/spec.json`` (what the key covers) and ``<root>/<key>/<split>/chunk-NNNNNN.npy``
-(``[chunk_records, K]`` float32, NaN where an example has fewer than K
-responses), with ``root = config.preference.reference_cache_dir`` or
-``<workdir>/reference_cache``. The key hashes what the values depend on:
-the data (source, file paths with sizes and mtimes, format, truncation,
-``seq_len``), the tokenizer, the model config and a fingerprint of the
-reference parameters, so a second run with the same inputs reuses the cache
-and any change writes a new one. Chunk ``c`` is computed by process
-``c % process_count`` on its local devices and written atomically; a rerun
-after preemption skips finished chunks; processes meet at a barrier before
-reading.
-
-Run it in front of the trainer with::
-
-  python -m alignax.data.reference_cache --config=configs/dpo_demo.py \\
-      --workdir=/tmp/alignax_dpo --config.reference=none \\
-      --config.preference.cache_reference=True
+Layout: ``<dir>/spec.json`` (what the key covers) and
+``<dir>/<split>/chunk-NNNNNN.npy`` (``[chunk_records, K]`` float32, NaN where
+an example has fewer than K responses). Chunk ``c`` is computed by process
+``c % process_count`` and written atomically; a rerun after preemption skips
+finished chunks.
 """
 
-import copy
-import glob
-import hashlib
-import json
 import os
-import sys
 
-import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from alignax import checkpoint as ckpt_lib
-from alignax import sharding as shd
-from alignax import state as state_lib
-from alignax.data import preference
-from alignax.data import preference_packing as packing
-from alignax.data import tokenizer as tok_lib
 
 CHUNK_RECORDS = 1024
-_FILE_SOURCES = ("jsonl", "parquet", "array_record")
 
 
-def _files(paths):
-  out = []
-  for path in paths:
-    for f in sorted(glob.glob(path)) or [path]:
-      st = os.stat(f) if os.path.exists(f) else None
-      out.append([os.path.abspath(f), st and st.st_size, st and st.st_mtime_ns])
-  return out
-
-
-def _splits(data_cfg):
-  """Splits with data: file sources may have no eval files."""
-  if data_cfg.source in _FILE_SOURCES and not data_cfg.eval_paths:
-    return ("train",)
-  return ("train", "eval")
-
-
-def params_fingerprint(params):
-  """Rounded per-leaf sums: equal for equal parameters on any mesh.
-
-  Besides the sum and the sum of magnitudes, a sum weighted by a fixed
-  position-dependent vector tells apart leaves whose entries were permuted.
-  """
-  def stats(x):
-    flat = jnp.ravel(x).astype(jnp.float32)
-    weights = jnp.cos(jnp.arange(flat.size, dtype=jnp.float32) * 0.618034)
-    return jnp.stack([jnp.sum(flat), jnp.sum(jnp.abs(flat)),
-                      jnp.sum(flat * weights)])
-
-  stats = jax.tree.map(stats, params)
-  return [f"{v:.6e}" for v in np.concatenate(
-      [np.ravel(s) for s in jax.tree.leaves(jax.device_get(stats))])]
-
-
-def cache_key(config, tokenizer, params):
-  """``(hex key, material)``: the hash of everything the values depend on."""
-  d, p = config.data, config.data.preference
-  material = {
-      "data": {"source": d.source, "train": _files(d.paths),
-               "eval": _files(d.eval_paths),
-               "heldout_fraction": d.heldout_fraction,
-               "skip_malformed": d.skip_malformed, "tfds": d.tfds_name,
-               "python": sys.version if d.source == "embedded" else None},
-      # shared_prompt changes how a long example is cut to fit a row.
-      "preference": {k: p[k] for k in (
-          "format", "list_size", "max_prompt_len", "max_response_len",
-          "task_repeats", "shared_prompt")},
-      "seq_len": config.train.seq_len,
-      "tokenizer": [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
-                    tokenizer.encode("def reference_cache(x):\n  return x")],
-      "model": config.model.to_dict(),
-      "params": hashlib.sha1(
-          json.dumps(params_fingerprint(params)).encode()).hexdigest(),
-      "chunk_records": CHUNK_RECORDS,
-  }
-  text = json.dumps(material, sort_keys=True, default=str)
-  return hashlib.sha1(text.encode()).hexdigest()[:20], material
-
-
-def _reference_params(config, model_cfg, shardings):
-  """The policy's starting parameters, as the Trainer builds them."""
-  if config.checkpoint.init_from:
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nnx.to_pure_dict(state_lib.abstract_model(model_cfg)[1]), shardings)
-    return ckpt_lib.load_params(config.checkpoint.init_from, target)
-  return jax.jit(lambda: state_lib.init_params(model_cfg, config.seed),
-                 out_shardings=shardings)()
-
-
-def _chunk_path(directory, split, chunk):
+def chunk_path(directory, split, chunk):
   return os.path.join(directory, split, f"chunk-{chunk:06d}.npy")
 
 
-def _save_atomic(path, array=None, *, text=None):
+def save_atomic(path, array=None, *, text=None):
   """Writes a ``.npy`` array (or text) under a temporary name, then renames."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
@@ -135,124 +36,20 @@ def _save_atomic(path, array=None, *, text=None):
   os.replace(tmp, path)
 
 
-def chunk_logps(records, start, stop, data_cfg, tokenizer, logps_fn, *,
-                seq_len, batch_size):
-  """``[stop - start, K]`` reference log-probs of records ``[start, stop)``."""
-  pref = data_cfg.preference
-  k = preference.list_size(pref)
-  layout = packing.Layout(k, int(pref.groups_per_row),
-                          len(pref.reward_fields), bool(pref.shared_prompt))
-  ds = grain.MapDataset.source(records)[start:stop].map(
-      preference.TokenizeExample(tokenizer, pref, seq_len=seq_len))
-  batches = packing.pack_and_batch(
-      ds.to_iter_dataset(), layout, seq_len=seq_len, batch_size=batch_size,
-      shuffle_bins=False, drop_remainder=False)
-  out = np.full((stop - start, k), np.nan, np.float32)
-  for batch in batches:
-    logps = np.asarray(logps_fn(batch))  # [B, S]
-    valid = batch["valid"]
-    rows, slots = np.nonzero(valid)
-    out[batch["index"][rows, slots] - start, slots % k] = logps[rows, slots]
-  return out
-
-
-def compute_split(records, split, directory, data_cfg, tokenizer, logps_fn, *,
-                  seq_len, batch_size, process_index=0, process_count=1):
-  """Writes this process's missing chunks of ``split``; returns their count."""
-  os.makedirs(os.path.join(directory, split), exist_ok=True)
-  num_chunks = -(-len(records) // CHUNK_RECORDS)
-  written = 0
-  for chunk in range(process_index, num_chunks, process_count):
-    path = _chunk_path(directory, split, chunk)
-    if os.path.exists(path):
-      continue  # done before a preemption, or by an earlier run
-    start = chunk * CHUNK_RECORDS
-    stop = min(len(records), start + CHUNK_RECORDS)
-    _save_atomic(path, chunk_logps(records, start, stop, data_cfg, tokenizer,
-                                   logps_fn, seq_len=seq_len,
-                                   batch_size=batch_size))
-    written += 1
-  return written
-
-
 def load(directory, split, num_records, list_size):
   """The ``[num_records, K]`` reference log-probs of a finished cache."""
   num_chunks = -(-num_records // CHUNK_RECORDS)
-  paths = [_chunk_path(directory, split, c) for c in range(num_chunks)]
+  paths = [chunk_path(directory, split, c) for c in range(num_chunks)]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(
         f"reference cache {directory!r} lacks {len(missing)} of {num_chunks} "
-        f"{split} chunks (first: {missing[0]}); run "
-        "alignax.data.reference_cache.prepare first.")
+        f"{split} chunks (first: {missing[0]}); fill it with "
+        "alignax.reference.prepare (train.run does when "
+        "config.preference.cache_reference=True).")
   table = np.concatenate([np.load(p) for p in paths])
   if table.shape != (num_records, list_size):
     raise ValueError(f"reference cache {directory!r} holds {split} log-probs "
                      f"of shape {table.shape}; the data has "
                      f"{(num_records, list_size)}.")
   return table
-
-
-def _logps_fn(graphdef, params, mesh, chunk_size):
-  from alignax.objectives import preference as objective  # pylint: disable=g-import-not-at-top
-  fn = jax.jit(lambda p, b: objective.slot_logps(
-      nnx.merge(graphdef, p), b, chunk_size=chunk_size)[0])
-  return lambda batch: fn(params, jax.device_put(batch,
-                                                 shd.batch_sharding(mesh)))
-
-
-def prepare(config, workdir):
-  """Fills the reference cache if needed; returns the config that uses it."""
-  if not config.preference.cache_reference:
-    return config
-  from alignax import train  # pylint: disable=g-import-not-at-top
-  tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-  model_cfg = train.build_model_config(config.model, tokenizer)
-  # Local devices only: processes work on their own chunks, no collectives.
-  mesh = shd.make_mesh({"fsdp": -1}, jax.local_devices())
-  graphdef, abstract = state_lib.abstract_model(model_cfg)
-  shardings = shd.param_shardings(abstract, mesh, config.sharding_rules)
-  params = _reference_params(config, model_cfg, shardings)
-  key, material = cache_key(config, tokenizer, params)
-  root = config.preference.reference_cache_dir or os.path.join(
-      workdir, "reference_cache")
-  directory = os.path.join(root, key)
-  os.makedirs(directory, exist_ok=True)
-  if jax.process_index() == 0:
-    _save_atomic(os.path.join(directory, "spec.json"),
-                 text=json.dumps(material, indent=1, default=str))
-  logps_fn = _logps_fn(graphdef, params, mesh, config.preference.logps_chunk
-                       or None)
-  ways = mesh.size
-  rows = max(config.train.batch_size // jax.process_count(), ways)
-  for split in _splits(config.data):
-    records = preference.record_source(config.data, split)
-    compute_split(records, split, directory, config.data, tokenizer, logps_fn,
-                  seq_len=config.train.seq_len,
-                  batch_size=-(-rows // ways) * ways,
-                  process_index=jax.process_index(),
-                  process_count=jax.process_count())
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"reference_cache/{key}")
-  config = copy.deepcopy(config)
-  config.data.preference.reference_cache = directory
-  return config
-
-
-def main(argv):
-  """``prepare`` then ``train.main``, with the flags of launch/tpu_train.py."""
-  del argv
-  from alignax import train  # pylint: disable=g-import-not-at-top
-  config = prepare(_CONFIG.value, _WORKDIR.value)
-  print(train.main(config, _WORKDIR.value))
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.")
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)

@@ -24,6 +24,7 @@ Formulas follow TRL's current ``DPOTrainer._compute_loss``
 (``trl/trainer/dpo_trainer.py``), checked term by term in the tests.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -95,9 +96,11 @@ def _per_token_margin(c, r, chosen_lengths, rejected_lengths) -> Array:
 
 # --- f-divergence score transforms (TRL ``f_divergence_type``) --------------
 # Each maps the log-ratios ``(c, r)``, ``[B]`` each, to the scores that replace
-# them in the losses: f'(u) at u = pi / pi_ref with additive constants dropped
-# (Wang et al., *Beyond Reverse KL: Generalizing Direct Preference
-# Optimization with Diverse Divergence Constraints*, ICLR 2024).
+# them in the losses: f'(u) at u = pi / pi_ref, additive constants included as
+# TRL keeps them (Wang et al., *Beyond Reverse KL: Generalizing Direct
+# Preference Optimization with Diverse Divergence Constraints*, ICLR 2024). The
+# constant cancels in ``c - r`` but not in the length-normalised losses
+# (``ipo``, ``sigmoid_norm``), which divide each score by its own length.
 
 
 def reverse_kl_scores(chosen_logratios, rejected_logratios):
@@ -106,21 +109,21 @@ def reverse_kl_scores(chosen_logratios, rejected_logratios):
 
 
 def forward_kl_scores(chosen_logratios, rejected_logratios):
-  r"""Forward KL: :math:`f'(u) = 1 - 1/u \to` ``(-exp(-c), -exp(-r))``."""
-  return -jnp.exp(-chosen_logratios), -jnp.exp(-rejected_logratios)
+  r"""Forward KL: :math:`f'(u) = 1 - 1/u \to` ``(1 - exp(-c), 1 - exp(-r))``."""
+  return 1.0 - jnp.exp(-chosen_logratios), 1.0 - jnp.exp(-rejected_logratios)
 
 
 def js_divergence_scores(chosen_logratios, rejected_logratios):
-  r"""Jensen-Shannon: :math:`f'(u) = \log\frac{2u}{1+u} \to \log\sigma(c)`."""
-  return (jax.nn.log_sigmoid(chosen_logratios),
-          jax.nn.log_sigmoid(rejected_logratios))
+  r"""Jensen-Shannon: :math:`f'(u) = \log\frac{2u}{1+u} \to \log 2 + \log\sigma(c)`."""
+  return (math.log(2.0) + jax.nn.log_sigmoid(chosen_logratios),
+          math.log(2.0) + jax.nn.log_sigmoid(rejected_logratios))
 
 
 def alpha_divergence_scores(chosen_logratios, rejected_logratios, *,
                             alpha: float = 0.5):
   r"""α-divergence: :math:`f'(u) = (u^{\alpha-1} - 1)/(\alpha - 1)`.
 
-  .. math:: s(c) = \frac{\exp(\min((\alpha - 1) c,\ m))}{\alpha - 1}
+  .. math:: s(c) = \frac{\exp(\min((\alpha - 1) c,\ m)) - 1}{\alpha - 1}
 
   with TRL's overflow clamp :math:`m` (11 for float16, else 80); near
   :math:`\alpha = 1` it falls back to reverse KL, as TRL does.
@@ -141,8 +144,8 @@ def alpha_divergence_scores(chosen_logratios, rejected_logratios, *,
     # exp in at least float32, clamped so it survives the cast back.
     t = ((alpha - 1.0) * logratio).astype(
         jnp.promote_types(logratio.dtype, jnp.float32))
-    return (jnp.exp(jnp.minimum(t, cap)) / (alpha - 1.0)).astype(
-        logratio.dtype)
+    return ((jnp.exp(jnp.minimum(t, cap)) - 1.0).astype(logratio.dtype)
+            * (1.0 / (alpha - 1.0)))
 
   return score(chosen_logratios), score(rejected_logratios)
 

@@ -191,11 +191,12 @@ def bco_loss(logps: Array, ref_logps: Array, desirable: Array, *,
   return -jax.nn.log_sigmoid(jnp.where(desirable, z, -z))
 
 
-def bco_running_mean_update(mean: Array, count: Array,
-                            rewards: Array) -> tuple[Array, Array]:
+def bco_running_mean_update(mean: Array, count: Array, rewards: Array, *,
+                            weights: Array | None = None
+                            ) -> tuple[Array, Array]:
   r"""Folds a batch of implicit rewards into BCO's running mean ``delta``.
 
-  .. math:: n' = n + |x|,\qquad \mu' = \mu + (\bar x - \mu)\,|x| / n'
+  .. math:: n' = n + \sum_i w_i,\qquad \mu' = \mu + (\bar x_w - \mu)\,\textstyle\sum_i w_i / n'
 
   TRL's ``RunningMoments.update`` (start ``mu = 0, n = 0``). ``BCOTrainer``
   passes all chosen and rejected rewards ``beta * logratio`` (``|x|`` = their
@@ -206,14 +207,23 @@ def bco_running_mean_update(mean: Array, count: Array,
     mean: scalar running mean.
     count: scalar number of values folded in so far.
     rewards: rewards of this batch, any shape; no gradient flows.
+    weights: optional per-reward weights of ``rewards``' shape (a 0/1 mask
+      of the valid ones, or counts: a batch mean with weight ``n`` folds in
+      like its ``n`` values); default all 1.
 
   Returns:
-    ``(new_mean, new_count)``.
+    ``(new_mean, new_count)``; unchanged when the weights sum to 0.
   """
-  rewards = jax.lax.stop_gradient(jnp.asarray(rewards))
-  n = rewards.size
+  rewards = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+  weights = (jnp.ones_like(rewards) if weights is None
+             else jax.lax.stop_gradient(
+                 jnp.broadcast_to(jnp.asarray(weights, jnp.float32),
+                                  rewards.shape)))
+  n = jnp.sum(weights)
   new_count = count + n
-  new_mean = mean + (jnp.mean(rewards) - mean) * n / new_count
+  batch_mean = jnp.sum(weights * rewards) / jnp.maximum(n, 1e-30)
+  new_mean = jnp.where(n > 0, mean + (batch_mean - mean) * n
+                       / jnp.maximum(new_count, 1e-30), mean)
   return new_mean, new_count
 
 

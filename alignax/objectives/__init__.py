@@ -1,0 +1,78 @@
+"""Objectives: ``config.objective`` -> the objective and the model it trains.
+
+Every objective has the signature
+``objective(model, batch, rng, *, frozen) -> (loss_sum, (count, metrics))``
+(see :mod:`alignax.objectives.lm`). :data:`OBJECTIVES` is the one registry:
+for each name, the builder of the objective from the run config (and the
+run's mesh), the builder of its model (``None`` = the plain
+``Transformer``), and whether its loss is a token cross-entropy (so that
+``eval/perplexity = exp(eval/loss)`` means something).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from alignax.objectives import binary
+from alignax.objectives import contrastive
+from alignax.objectives import lm
+from alignax.objectives import preference
+from alignax.objectives import reward
+from alignax.objectives import ul2
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+  """How ``config.objective`` becomes a step's objective and model.
+
+  Attributes:
+    build: ``build(config, *, mesh) -> objective``.
+    model: ``model(config) -> build(model_cfg, rngs=...)`` of the module the
+      objective trains, or ``None`` for ``alignax.models.Transformer``.
+    token_loss: the loss is a mean token cross-entropy.
+  """
+  build: Callable[..., Any]
+  model: Callable[[Any], Any] | None = None
+  token_loss: bool = False
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "lm": ObjectiveSpec(lm.from_config, token_loss=True),
+    "ul2": ObjectiveSpec(ul2.from_config, token_loss=True),
+    "contrastive": ObjectiveSpec(contrastive.from_config,
+                                 contrastive.embedding_model_builder),
+    "cafe": ObjectiveSpec(contrastive.cafe_from_config,
+                          contrastive.embedding_model_builder),
+    "dpo": ObjectiveSpec(preference.dpo_from_config),
+    "lipo": ObjectiveSpec(preference.lipo_from_config),
+    "kto": ObjectiveSpec(preference.kto_from_config),
+    "modpo": ObjectiveSpec(preference.modpo_from_config),
+    "orpo": ObjectiveSpec(preference.orpo_from_config),
+    "simpo": ObjectiveSpec(preference.simpo_from_config),
+    "cpo": ObjectiveSpec(preference.cpo_from_config),
+    "bco": ObjectiveSpec(binary.bco_from_config),
+    "npo": ObjectiveSpec(binary.npo_from_config),
+    "reward_model": ObjectiveSpec(reward.from_config, reward.model_builder),
+}
+
+
+def spec(name: str) -> ObjectiveSpec:
+  """The registry entry of ``config.objective``, or a one-line error."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"config.objective={name!r}: known objectives are "
+                     f"{sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]
+
+
+def build_objective(config, *, mesh=None):
+  """The objective of ``config.objective`` (``mesh``: the run's mesh)."""
+  return spec(config.objective).build(config, mesh=mesh)
+
+
+def model_builder(config):
+  """``build(model_cfg, rngs=...)`` of the model ``config.objective`` trains,
+  or ``None`` for the plain ``Transformer``."""
+  model = spec(config.objective).model
+  return model(config) if model is not None else None

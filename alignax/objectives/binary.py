@@ -24,15 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from alignax import losses
-from alignax.objectives import preference
+from alignax.objectives import common
 
-_mean_of = preference._mean_of  # pylint: disable=protected-access
-_reduce = preference._reduce  # pylint: disable=protected-access
+mean_of = common.mean_of
 
 
 def _completions(model, batch, frozen, *, reference, chunk_size):
-  lists = preference.gather_lists(model, batch, frozen, list_size=2,
-                                  reference=reference, chunk_size=chunk_size)
+  lists = common.gather_lists(model, batch, frozen, list_size=2,
+                              reference=reference, chunk_size=chunk_size)
   return (lists.logps[:, 0], lists.ref_logps[:, 0], lists.lengths[:, 0],
           lists.labels[:, 0] > 0.5, lists.valid[:, 0])
 
@@ -47,14 +46,17 @@ class BCOObjective:
     return {"bco/mean": jnp.float32(0.0), "bco/count": jnp.float32(0.0)}
 
   def update_extras(self, extras, metrics):
-    """Folds the step's rewards (``bco/rewards``: sum, count) into the mean."""
+    """Folds the step's rewards (``bco/rewards``: sum, count) into the mean.
+
+    The batch mean weighted by its count folds in like the rewards it
+    averages (``losses.bco_running_mean_update``).
+    """
     total, n = metrics["bco/rewards"]
-    mean, count = extras["bco/mean"], extras["bco/count"]
-    new_count = count + n
-    new_mean = jnp.where(new_count > 0, (mean * count + total)
-                         / jnp.maximum(new_count, 1.0), mean)
-    return {"bco/mean": new_mean.astype(jnp.float32),
-            "bco/count": new_count.astype(jnp.float32)}
+    mean, count = losses.bco_running_mean_update(
+        extras["bco/mean"], extras["bco/count"],
+        total / jnp.maximum(n, 1.0), weights=n)
+    return {"bco/mean": mean.astype(jnp.float32),
+            "bco/count": count.astype(jnp.float32)}
 
   def __call__(self, model, batch, rng, *, frozen=None, extras):
     del rng
@@ -62,20 +64,21 @@ class BCOObjective:
         model, batch, frozen, reference=self.reference,
         chunk_size=self.chunk_size)
     rewards = self.beta * (logps - ref)
-    seen = _mean_of(rewards, valid)  # (sum, count), no gradient
-    delta = self.update_extras(extras, {"bco/rewards": seen})["bco/mean"]
+    seen = mean_of(rewards, valid)  # (sum, count), no gradient
+    delta, _ = losses.bco_running_mean_update(
+        extras["bco/mean"], extras["bco/count"], rewards, weights=valid)
     per_example = losses.bco_loss(logps, ref, desirable, beta=self.beta,
                                   delta=delta)
     one = jnp.float32(1.0)
     metrics = {
-        "rewards/chosen": _mean_of(rewards, valid & desirable),
-        "rewards/rejected": _mean_of(rewards, valid & ~desirable),
-        "logps/chosen": _mean_of(logps, valid & desirable),
-        "logps/rejected": _mean_of(logps, valid & ~desirable),
+        "rewards/chosen": mean_of(rewards, valid & desirable),
+        "rewards/rejected": mean_of(rewards, valid & ~desirable),
+        "logps/chosen": mean_of(logps, valid & desirable),
+        "logps/rejected": mean_of(logps, valid & ~desirable),
         "bco/rewards": seen,
         "bco/delta": (jax.lax.stop_gradient(delta), one),
     }
-    return _reduce(per_example, valid, metrics)
+    return common.reduce(per_example, valid, metrics)
 
 
 def npo_objective(model, batch, rng, *, frozen=None, beta, retain_weight,
@@ -89,26 +92,26 @@ def npo_objective(model, batch, rng, *, frozen=None, beta, retain_weight,
   per_example = jnp.where(desirable, retain_weight * retain, forget)
   counted = valid & (~desirable | (retain_weight > 0))
   metrics = {
-      "npo/forget_logps": _mean_of(logps, valid & ~desirable),
-      "npo/retain_nll": _mean_of(retain, valid & desirable),
-      "rewards/rejected": _mean_of(beta * (logps - ref), valid & ~desirable),
+      "npo/forget_logps": mean_of(logps, valid & ~desirable),
+      "npo/retain_nll": mean_of(retain, valid & desirable),
+      "rewards/rejected": mean_of(beta * (logps - ref), valid & ~desirable),
   }
-  return _reduce(per_example, counted, metrics)
+  return common.reduce(per_example, counted, metrics)
 
 
-def bco_from_config(config):
+def bco_from_config(config, *, mesh=None):
+  del mesh
   p = config.preference
-  preference._check_format(config, "binary")  # pylint: disable=protected-access
-  return BCOObjective(
-      beta=p.beta,
-      reference=preference._reference_mode(config),  # pylint: disable=protected-access
-      chunk_size=p.logps_chunk or None)
+  common.check_format(config, "binary")
+  return BCOObjective(beta=p.beta, reference=common.reference_mode(config),
+                      chunk_size=p.logps_chunk or None)
 
 
-def npo_from_config(config):
+def npo_from_config(config, *, mesh=None):
+  del mesh
   p = config.preference
-  preference._check_format(config, "binary")  # pylint: disable=protected-access
+  common.check_format(config, "binary")
   return functools.partial(
       npo_objective, beta=p.beta, retain_weight=p.sft_weight,
-      reference=preference._reference_mode(config),  # pylint: disable=protected-access
+      reference=common.reference_mode(config),
       chunk_size=p.logps_chunk or None)

@@ -31,7 +31,6 @@ from alignax.models import heads
 from alignax.objectives import gradcache as gc
 from alignax.objectives import lm
 
-EMBEDDING_OBJECTIVES = ("contrastive", "cafe")
 LM_PREFIX = "lm_"
 
 
@@ -65,6 +64,30 @@ def _mv_infonce(emb, t, b):
   return losses.mv_infonce_loss(jnp.swapaxes(emb, 0, 1), logit_scale=t)
 
 
+def _dcl(emb, t, b):
+  del b
+  return losses.dcl_loss(*_two_views("dcl", emb), logit_scale=t)
+
+
+def _dhel(emb, t, b):
+  del b
+  return losses.dhel_loss(*_two_views("dhel", emb), logit_scale=t)
+
+
+def _mv_dhel(emb, t, b):
+  del b
+  return losses.mv_dhel_loss(jnp.swapaxes(emb, 0, 1), logit_scale=t)
+
+
+def _symile(emb, t, b):
+  """Symile over the ``V >= 3`` views (all ``B^(V-1)`` candidate tuples)."""
+  del b
+  if emb.shape[1] < 3:
+    raise ValueError(f"contrastive.loss='symile' needs >= 3 views per "
+                     f"example, got embeddings of shape {emb.shape}")
+  return losses.symile_loss(*jnp.unstack(emb, axis=1), logit_scale=t)
+
+
 def _ring_clip(emb, t, b, *, mesh):
   del b
   q, d = _two_views("clip", emb)
@@ -80,7 +103,8 @@ def _ring_siglip(emb, t, b, *, mesh):
 
 # contrastive.loss -> per-example loss(emb [B, V, D], t, b) -> [B].
 LOSSES = {"clip": _clip, "siglip": _siglip, "infonce": _infonce,
-          "mv_infonce": _mv_infonce}
+          "mv_infonce": _mv_infonce, "dcl": _dcl, "dhel": _dhel,
+          "mv_dhel": _mv_dhel, "symile": _symile}
 RING_LOSSES = {"clip": _ring_clip, "siglip": _ring_siglip}
 
 
@@ -228,19 +252,16 @@ def embedding_model_builder(config):
                            head=head_config(config.contrastive))
 
 
-def model_builder(config):
-  """The model builder for ``state.create_train_state``: an
-  ``EmbeddingModel`` for the embedding objectives, else ``None``
-  (the plain ``Transformer``)."""
-  if config.objective in EMBEDDING_OBJECTIVES:
-    return embedding_model_builder(config)
-  return None
+def from_config(config, *, mesh=None):
+  """The contrastive objective of ``config.contrastive`` on ``mesh``.
 
-
-def from_config(config):
-  """The contrastive objective of ``config.contrastive``."""
+  The ring losses and GradCache's sub-batch placement need the run's mesh
+  (passed in, never rebuilt here).
+  """
   c = config.contrastive
-  mesh = shd.make_mesh(config.mesh) if (c.ring or c.chunk_size) else None
+  if c.ring and mesh is None:
+    raise ValueError("config.contrastive.ring=True needs the run's mesh: "
+                     "build the objective with from_config(config, mesh=...)")
   return functools.partial(
       contrastive_objective,
       loss_fn=views_loss(c.loss, ring=c.ring, mesh=mesh,
@@ -249,9 +270,9 @@ def from_config(config):
       pairwise=not c.ring, mesh=mesh)
 
 
-def cafe_from_config(config):
+def cafe_from_config(config, *, mesh=None):
   """The CAFe objective: ``from_config`` + the LM objective, weighted."""
   return functools.partial(
-      cafe_objective, contrastive=from_config(config),
+      cafe_objective, contrastive=from_config(config, mesh=mesh),
       language=lm.from_config(config), weight=config.contrastive.weight,
       lm_weight=config.contrastive.lm_weight)

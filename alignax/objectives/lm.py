@@ -12,13 +12,33 @@ import functools
 
 import jax.numpy as jnp
 
-from alignax.losses import _lm
+from alignax import losses
 
 
 def forward(model, batch):
   """Logits ``[B, T, V]`` for a packed batch (segments, positions, prefix)."""
   return model(batch["inputs"], positions=batch["positions"],
                segment_ids=batch["segment_ids"], prefix=batch["prefix"])
+
+
+def token_losses(model, batch, *, z_loss=0.0):
+  """Per-token cross-entropy of a packed batch and its ``(sum, count)`` metrics.
+
+  Returns:
+    ``(per_token [B, T], weights [B, T], metrics)`` with ``metrics`` holding
+    ``loss`` and ``accuracy`` over ``batch['weights']``.
+  """
+  logits = forward(model, batch)  # [B, T, V]
+  per_token = losses.token_cross_entropy(logits, batch["targets"],
+                                         z_loss=z_loss)
+  weights = batch["weights"].astype(jnp.float32)
+  count = jnp.sum(weights)
+  correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+  metrics = {
+      "loss": (jnp.sum(per_token * weights), count),
+      "accuracy": (jnp.sum(correct * weights), count),
+  }
+  return per_token, weights, metrics
 
 
 def lm_objective(model, batch, rng, *, frozen=None, z_loss=0.0):
@@ -33,19 +53,12 @@ def lm_objective(model, batch, rng, *, frozen=None, z_loss=0.0):
     z_loss: z-loss coefficient (see ``token_cross_entropy``).
   """
   del rng, frozen
-  logits = forward(model, batch)  # [B, T, V]
-  per_token = _lm.token_cross_entropy(logits, batch["targets"], z_loss=z_loss)
-  weights = batch["weights"].astype(jnp.float32)
-  loss_sum = jnp.sum(per_token * weights)
-  count = jnp.sum(weights)
-  correct = jnp.argmax(logits, axis=-1) == batch["targets"]
-  metrics = {
-      "loss": (loss_sum, count),
-      "accuracy": (jnp.sum(correct * weights), count),
-  }
+  _, _, metrics = token_losses(model, batch, z_loss=z_loss)
+  loss_sum, count = metrics["loss"]
   return loss_sum, (count, metrics)
 
 
-def from_config(config):
+def from_config(config, *, mesh=None):
   """The LM objective with ``config.train.z_loss``."""
+  del mesh
   return functools.partial(lm_objective, z_loss=config.train.z_loss)

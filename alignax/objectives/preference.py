@@ -12,7 +12,10 @@ The reference model is, by ``config``, either the frozen starting
 parameters passed to the step (``config.reference='frozen'``; rebuilt here
 with ``nnx.merge`` under ``stop_gradient``) or log-probs precomputed into
 the batch (``config.preference.cache_reference``, see
-:mod:`alignax.data.reference_cache`); ORPO, SimPO and CPO need none.
+:mod:`alignax.reference`); ORPO, SimPO and CPO need none. The batch views
+and reference handling are :mod:`alignax.objectives.common`'s; every loss
+is a public function of :mod:`alignax.losses`, called through the explicit
+adapter table :data:`PAIR_LOSSES`.
 
 Metrics follow TRL's names: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies`` (ties count as wrong), ``rewards/margins``,
@@ -22,114 +25,20 @@ policy's own ranking, meaningful before training) and, for lists,
 or by log-prob, gains ``2^label - 1``).
 """
 
+import dataclasses
 import functools
-import inspect
-from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from alignax import losses
-from alignax import policy
 from alignax.data import preference as preference_data
+from alignax.objectives import common
+from alignax.objectives.common import Lists, Pairs
 
 Array = jax.Array
-
-
-def slot_logps(model, batch, *, chunk_size=None):
-  """Summed log-probs and token counts of every response slot, ``[B, S]``."""
-  hidden = model(batch["inputs"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"], prefix=batch["prefix"],
-                 attend_to=batch["attend_to"], return_hidden=True)
-  tokens = policy.token_logps_from_hidden(
-      hidden, model.logits_from_hidden, batch["targets"],
-      chunk_size=chunk_size)  # [B, T]
-  weights = batch["weights"].astype(tokens.dtype)
-  num_slots = batch["labels"].shape[1]
-  onehot = ((batch["slot"][..., None] == jnp.arange(num_slots))
-            & (weights[..., None] != 0)).astype(tokens.dtype)  # [B, T, S]
-  masked = jnp.where(weights != 0, tokens * weights, 0.0)
-  return (jnp.einsum("bt,bts->bs", masked, onehot),
-          jnp.einsum("bt,bts->bs", weights, onehot))
-
-
-def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None):
-  """Reference log-probs ``[B, S]``: live from ``frozen``, cached, or 0."""
-  if reference == "frozen":
-    if frozen is None:
-      raise ValueError("reference='frozen' but the step got no frozen "
-                       "parameters (config.reference must be 'frozen').")
-    ref_model = nnx.merge(nnx.graphdef(model), jax.lax.stop_gradient(frozen))
-    return jax.lax.stop_gradient(
-        slot_logps(ref_model, batch, chunk_size=chunk_size)[0])
-  if reference == "cached":
-    return batch["ref_logps"].astype(jnp.float32)
-  return jnp.zeros(batch["labels"].shape, jnp.float32)
-
-
-class Lists(NamedTuple):
-  """Per-example views ``[P, K]`` (``P = B * G``) of a packed batch."""
-  logps: Array
-  ref_logps: Array
-  lengths: Array
-  labels: Array
-  valid: Array
-  rewards: Array  # [P, K, M]
-
-
-def gather_lists(model, batch, frozen, *, list_size, reference,
-                 chunk_size=None) -> Lists:
-  """Runs policy (and reference) and regroups slots into examples."""
-  logps, lengths = slot_logps(model, batch, chunk_size=chunk_size)
-  ref = reference_slot_logps(model, batch, frozen, reference=reference,
-                             chunk_size=chunk_size)
-  b, s = logps.shape
-  if s % list_size:
-    raise ValueError(f"{s} response slots per row are not a multiple of "
-                     f"list_size={list_size}.")
-  as_lists = lambda x: x.reshape(b * s // list_size, list_size, *x.shape[2:])
-  valid = batch["valid"].astype(bool)
-  return Lists(*(as_lists(x) for x in (
-      logps, jnp.where(valid, ref, 0.0), lengths,
-      batch["labels"].astype(jnp.float32), valid,
-      batch["rewards"].astype(jnp.float32))))
-
-
-class Pairs(NamedTuple):
-  """Chosen (slot 0) / rejected (slot 1) views ``[P]``; invalid pairs are 0."""
-  chosen: Array
-  rejected: Array
-  ref_chosen: Array
-  ref_rejected: Array
-  chosen_lengths: Array
-  rejected_lengths: Array
-  valid: Array
-  chosen_rewards: Array  # [P, M]
-  rejected_rewards: Array
-
-
-def to_pairs(lists: Lists) -> Pairs:
-  valid = lists.valid[:, 0] & lists.valid[:, 1]
-  pick = lambda x, k: jnp.where(
-      valid.reshape((-1,) + (1,) * (x.ndim - 2)), x[:, k], 0.0)
-  return Pairs(pick(lists.logps, 0), pick(lists.logps, 1),
-               pick(lists.ref_logps, 0), pick(lists.ref_logps, 1),
-               pick(lists.lengths, 0), pick(lists.lengths, 1), valid,
-               pick(lists.rewards, 0), pick(lists.rewards, 1))
-
-
-def _mean_of(x, where):
-  """A ``(sum, count)`` metric of ``x`` over ``where``."""
-  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  return (jnp.sum(jnp.where(where, x, 0.0)),
-          jnp.sum(where).astype(jnp.float32))
-
-
-def _reduce(per_example, valid, metrics):
-  loss_sum = jnp.sum(jnp.where(valid, per_example, 0.0))
-  count = jnp.sum(valid).astype(jnp.float32)
-  return loss_sum, (count, {"loss": (loss_sum, count), **metrics})
+mean_of = common.mean_of
 
 
 def pair_metrics(p: Pairs, beta):
@@ -137,13 +46,13 @@ def pair_metrics(p: Pairs, beta):
   chosen = beta * (p.chosen - p.ref_chosen)
   rejected = beta * (p.rejected - p.ref_rejected)
   return {
-      "rewards/chosen": _mean_of(chosen, p.valid),
-      "rewards/rejected": _mean_of(rejected, p.valid),
-      "rewards/accuracies": _mean_of(chosen > rejected, p.valid),
-      "rewards/margins": _mean_of(chosen - rejected, p.valid),
-      "logps/chosen": _mean_of(p.chosen, p.valid),
-      "logps/rejected": _mean_of(p.rejected, p.valid),
-      "logps/accuracies": _mean_of(p.chosen > p.rejected, p.valid),
+      "rewards/chosen": mean_of(chosen, p.valid),
+      "rewards/rejected": mean_of(rejected, p.valid),
+      "rewards/accuracies": mean_of(chosen > rejected, p.valid),
+      "rewards/margins": mean_of(chosen - rejected, p.valid),
+      "logps/chosen": mean_of(p.chosen, p.valid),
+      "logps/rejected": mean_of(p.rejected, p.valid),
+      "logps/accuracies": mean_of(p.chosen > p.rejected, p.valid),
   }
 
 
@@ -174,48 +83,82 @@ def list_metrics(scores, lists: Lists, list_valid):
   diff = lambda x: x[:, :, None] - x[:, None, :]
   out = {}
   for name, s in (("rewards", scores), ("logps", lists.logps)):
-    out[f"{name}/accuracies"] = _mean_of(diff(s) > 0, better)
+    out[f"{name}/accuracies"] = mean_of(diff(s) > 0, better)
     value, defined = ndcg(s, lists.labels, where)
-    out[f"{name}/ndcg"] = _mean_of(value, defined & list_valid)
-  out["rewards/margins"] = _mean_of(diff(scores), better)
+    out[f"{name}/ndcg"] = mean_of(value, defined & list_valid)
+  out["rewards/margins"] = mean_of(diff(scores), better)
   return out
 
 
-# --- pairwise losses: config.preference.loss_type -> pure loss --------------
+# --- pairwise losses: config.preference.loss_type -> adapter ---------------------
 
 
-def nll_loss(chosen_logps, rejected_logps, ref_chosen_logps,
-             ref_rejected_logps, *, chosen_lengths, valid):
-  """TRL's ``sft`` term over the valid pairs: token-mean NLL of the chosen.
+@dataclasses.dataclass(frozen=True)
+class PairHparams:
+  """The ``config.preference`` values the pair losses read."""
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  discopop_tau: float = 0.05
 
-  Spread so that the mean over valid pairs is ``-sum(c) / sum(L_w)``.
+
+def _on(scores):
+  """A loss's four log-prob arguments fed f-divergence scores (TRL)."""
+  return scores[0], scores[1], 0.0, 0.0
+
+
+def _plain(p: Pairs):
+  return p.chosen, p.rejected, p.ref_chosen, p.ref_rejected
+
+
+def _lengths(p: Pairs):
+  return {"chosen_lengths": p.chosen_lengths,
+          "rejected_lengths": p.rejected_lengths}
+
+
+def sft_term(p: Pairs) -> Array:
+  """TRL's ``sft`` term: the token-mean chosen NLL over the valid pairs.
+
+  ``losses.sft_loss`` spreads the batch's NLL over all ``P`` pairs; scaled
+  by the valid share its sum over the valid pairs is ``n`` times the mean.
   """
-  del rejected_logps, ref_chosen_logps, ref_rejected_logps
-  n = jnp.sum(valid).astype(chosen_logps.dtype)
-  tokens = jnp.maximum(jnp.sum(jnp.where(valid, chosen_lengths, 0.0)), 1.0)
-  return jnp.where(valid, -chosen_logps * n / tokens, 0.0)
+  share = jnp.sum(p.valid) / p.valid.size
+  return losses.sft_loss(p.chosen, p.chosen_lengths) * share
 
 
-PAIR_LOSSES = {
-    "sigmoid": losses.dpo_loss,
-    "hinge": losses.hinge_loss,
-    "ipo": losses.ipo_loss,
-    "exo_pair": losses.exo_pair_loss,
-    "nca_pair": losses.nca_pair_loss,
-    "robust": losses.robust_loss,
-    "bco_pair": losses.bco_pair_loss,
-    "sppo_hard": losses.sppo_hard_loss,
-    "aot": losses.aot_loss,
-    "aot_unpaired": losses.aot_unpaired_loss,
-    "apo_zero": losses.apo_zero_loss,
-    "apo_down": losses.apo_down_loss,
-    "discopop": losses.discopop_loss,
-    "sigmoid_norm": losses.sigmoid_norm_loss,
-    "sft": nll_loss,
+# loss_type -> adapter(pairs, scores, hparams) -> [P]. ``scores`` are the
+# f-divergence scores of the log-ratios (the log-ratios for reverse KL); the
+# losses TRL feeds plain log-ratios take ``_plain(p)``.
+PairLoss = Callable[[Pairs, tuple[Array, Array], PairHparams], Array]
+PAIR_LOSSES: dict[str, PairLoss] = {
+    # TRL >= 1.0 smooths only robust, exo_pair and aot*: no cDPO here.
+    "sigmoid": lambda p, s, h: losses.dpo_loss(*_on(s), beta=h.beta),
+    "hinge": lambda p, s, h: losses.hinge_loss(*_on(s), beta=h.beta),
+    "ipo": lambda p, s, h: losses.ipo_loss(*_on(s), beta=h.beta,
+                                           **_lengths(p)),
+    "sigmoid_norm": lambda p, s, h: losses.sigmoid_norm_loss(
+        *_on(s), beta=h.beta, **_lengths(p)),
+    "exo_pair": lambda p, s, h: losses.exo_pair_loss(
+        *_on(s), beta=h.beta, epsilon=h.label_smoothing),
+    "robust": lambda p, s, h: losses.robust_loss(
+        *_on(s), beta=h.beta, label_smoothing=h.label_smoothing),
+    "discopop": lambda p, s, h: losses.discopop_loss(
+        *_on(s), beta=h.beta, tau=h.discopop_tau),
+    "sft": lambda p, s, h: sft_term(p),
+    "nca_pair": lambda p, s, h: losses.nca_pair_loss(*_plain(p), beta=h.beta),
+    "bco_pair": lambda p, s, h: losses.bco_pair_loss(*_plain(p), beta=h.beta),
+    "sppo_hard": lambda p, s, h: losses.sppo_hard_loss(*_plain(p),
+                                                       beta=h.beta),
+    "aot": lambda p, s, h: losses.aot_loss(
+        *_plain(p), beta=h.beta, label_smoothing=h.label_smoothing),
+    "aot_unpaired": lambda p, s, h: losses.aot_unpaired_loss(
+        *_plain(p), beta=h.beta, label_smoothing=h.label_smoothing),
+    "apo_zero": lambda p, s, h: losses.apo_zero_loss(*_plain(p), beta=h.beta),
+    "apo_down": lambda p, s, h: losses.apo_down_loss(*_plain(p), beta=h.beta),
 }
-# TRL feeds these the plain log-probs, never f-divergence scores.
-_PLAIN_LOGRATIOS = (losses.aot_loss, losses.aot_unpaired_loss,
-                    losses.apo_zero_loss, losses.apo_down_loss, nll_loss)
+# The loss types TRL accepts an f-divergence other than reverse KL with
+# (``DPOTrainer.__init__``); it refuses the others, and so do we.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair",
+                       "robust", "discopop", "sft")
 F_DIVERGENCES = {
     "reverse_kl": losses.reverse_kl_scores,
     "forward_kl": losses.forward_kl_scores,
@@ -224,79 +167,89 @@ F_DIVERGENCES = {
 }
 
 
-def pair_term(loss_fn, hparams, scores_fn=losses.reverse_kl_scores):
-  """``Pairs -> [P]`` for one pure loss, passing the keywords it takes."""
-  params = inspect.signature(loss_fn).parameters
-  kwargs = {k: v for k, v in hparams.items() if k in params}
-
-  def term(p: Pairs):
-    extra = {k: getattr(p, k) for k in ("chosen_lengths", "rejected_lengths")
-             if k in params}
-    if "valid" in params:
-      extra["valid"] = p.valid
-    if loss_fn in _PLAIN_LOGRATIOS:
-      return loss_fn(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected,
-                     **kwargs, **extra)
-    c, r = scores_fn(*losses.logratios(p.chosen, p.rejected, p.ref_chosen,
-                                       p.ref_rejected))
-    return loss_fn(c, r, 0.0, 0.0, **kwargs, **extra)
-
-  return term
-
-
-def build_pair_loss(pref_cfg):
-  """``Pairs -> [P]``: the weighted sum of ``loss_type``'s TRL losses."""
-  names = [n.strip() for n in pref_cfg.loss_type.split(",") if n.strip()]
+def _check_pair_config(pref_cfg, names, weights) -> None:
+  """The checks TRL's ``DPOTrainer`` makes, as one-line errors."""
   unknown = [n for n in names if n not in PAIR_LOSSES]
   if not names or unknown:
     raise ValueError(f"config.preference.loss_type={pref_cfg.loss_type!r}: "
                      f"unknown {unknown}; known: {sorted(PAIR_LOSSES)}")
-  weights = tuple(pref_cfg.loss_weights) or (1.0,) * len(names)
   if len(weights) != len(names):
-    raise ValueError(f"config.preference.loss_weights={weights} needs one "
-                     f"weight per loss_type entry ({len(names)})")
-  if pref_cfg.f_divergence not in F_DIVERGENCES:
-    raise ValueError(f"config.preference.f_divergence="
-                     f"{pref_cfg.f_divergence!r}: use {sorted(F_DIVERGENCES)}")
+    raise ValueError(f"config.preference.loss_weights={tuple(weights)} needs "
+                     f"one weight per loss_type entry ({len(names)})")
+  f_div = pref_cfg.f_divergence
+  if f_div not in F_DIVERGENCES:
+    raise ValueError(f"config.preference.f_divergence={f_div!r}: use "
+                     f"{sorted(F_DIVERGENCES)}")
+  refused = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+  if f_div != "reverse_kl" and refused:
+    raise ValueError(f"config.preference.f_divergence={f_div!r} does not go "
+                     f"with loss_type {refused} (as in TRL): use it with "
+                     f"{list(F_DIVERGENCE_LOSSES)}, or f_divergence="
+                     "'reverse_kl'")
+  ls = pref_cfg.label_smoothing
+  if "robust" in names and not 0.0 <= ls < 0.5:
+    raise ValueError(f"config.preference.label_smoothing={ls} must lie in "
+                     "[0, 0.5) for loss_type 'robust'")
+  if "exo_pair" in names and not 0.0 < ls < 1.0:
+    raise ValueError(f"config.preference.label_smoothing={ls} must lie in "
+                     "(0, 1) for loss_type 'exo_pair' (EXO's epsilon; the "
+                     "paper uses 1e-3)")
+
+
+def build_pair_loss(pref_cfg, extra=()):
+  """``Pairs -> [P]``: the weighted sum of ``loss_type``'s TRL losses.
+
+  Args:
+    pref_cfg: ``config.preference`` (``loss_type``, ``loss_weights``,
+      ``f_divergence``, ``beta``, ...).
+    extra: more ``(loss_type, weight)`` terms, e.g. ``("sft", rpo_alpha)``.
+  """
+  names = [n.strip() for n in pref_cfg.loss_type.split(",") if n.strip()]
+  weights = list(pref_cfg.loss_weights) or [1.0] * len(names)
+  _check_pair_config(pref_cfg, names, weights)
+  names += [n for n, _ in extra]
+  weights += [w for _, w in extra]
   scores_fn = F_DIVERGENCES[pref_cfg.f_divergence]
   if pref_cfg.f_divergence == "alpha_divergence":
     scores_fn = functools.partial(scores_fn,
                                   alpha=pref_cfg.alpha_divergence_coef)
-  hparams = {"beta": pref_cfg.beta, "label_smoothing": pref_cfg.label_smoothing,
-             "tau": pref_cfg.discopop_tau,
-             "epsilon": pref_cfg.label_smoothing or 1e-3}
-  terms = [pair_term(PAIR_LOSSES[n], hparams, scores_fn) for n in names]
-  return lambda p: sum(w * t(p) for w, t in zip(weights, terms))
+  hparams = PairHparams(beta=pref_cfg.beta,
+                        label_smoothing=pref_cfg.label_smoothing,
+                        discopop_tau=pref_cfg.discopop_tau)
+  terms = [PAIR_LOSSES[n] for n in names]
 
+  def pair_loss(p: Pairs) -> Array:
+    scores = scores_fn(*losses.logratios(*_plain(p)))
+    return losses.weighted_sum([t(p, scores, hparams) for t in terms],
+                               weights)
 
-def _mean_logps(p: Pairs):
-  """Length-normalised logps; invalid pairs get -1 (ORPO needs < 0)."""
-  mean = lambda x, n: jnp.where(p.valid, x / jnp.maximum(n, 1.0), -1.0)
-  return mean(p.chosen, p.chosen_lengths), mean(p.rejected, p.rejected_lengths)
+  return pair_loss
 
 
 def orpo_pair_loss(p: Pairs, *, beta, sft_weight=1.0):
   """ORPO: chosen NLL + beta * odds-ratio term on mean log-probs."""
-  return (sft_weight * pair_term(nll_loss, {})(p)
-          + losses.orpo_loss(*_mean_logps(p), beta=beta))
+  return losses.weighted_sum(
+      [sft_term(p), losses.orpo_loss(p.chosen_mean, p.rejected_mean,
+                                     beta=beta)], [sft_weight, 1.0])
 
 
 def simpo_pair_loss(p: Pairs, *, beta, gamma, label_smoothing, sft_weight):
-  return (losses.simpo_loss(*_mean_logps(p), beta=beta, gamma=gamma,
-                            label_smoothing=label_smoothing)
-          + sft_weight * pair_term(nll_loss, {})(p))
+  return losses.weighted_sum(
+      [losses.simpo_loss(p.chosen_mean, p.rejected_mean, beta=beta,
+                         gamma=gamma, label_smoothing=label_smoothing),
+       sft_term(p)], [1.0, sft_weight])
 
 
 def cpo_pair_loss(p: Pairs, *, beta, label_smoothing, sft_weight):
-  return (losses.cpo_loss(p.chosen, p.rejected, beta=beta,
-                          label_smoothing=label_smoothing)
-          + sft_weight * pair_term(nll_loss, {})(p))
+  return losses.weighted_sum(
+      [losses.cpo_loss(p.chosen, p.rejected, beta=beta,
+                       label_smoothing=label_smoothing), sft_term(p)],
+      [1.0, sft_weight])
 
 
 def modpo_pair_loss(p: Pairs, *, beta, weights):
-  return losses.modpo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected,
-                           p.chosen_rewards, p.rejected_rewards, beta=beta,
-                           weights=weights)
+  return losses.modpo_loss(*_plain(p), p.chosen_rewards, p.rejected_rewards,
+                           beta=beta, weights=weights)
 
 
 # --- objectives ---------------------------------------------------------------
@@ -306,9 +259,10 @@ def pairwise_objective(model, batch, rng, *, frozen=None, pair_loss, beta,
                        reference, chunk_size=None):
   """Pairs (slot 0 chosen, slot 1 rejected) under ``pair_loss(Pairs)``."""
   del rng
-  p = to_pairs(gather_lists(model, batch, frozen, list_size=2,
-                            reference=reference, chunk_size=chunk_size))
-  return _reduce(pair_loss(p), p.valid, pair_metrics(p, beta))
+  p = common.to_pairs(common.gather_lists(
+      model, batch, frozen, list_size=2, reference=reference,
+      chunk_size=chunk_size))
+  return common.reduce(pair_loss(p), p.valid, pair_metrics(p, beta))
 
 
 def listwise_objective(model, batch, rng, *, frozen=None, list_loss, beta,
@@ -319,21 +273,21 @@ def listwise_objective(model, batch, rng, *, frozen=None, list_loss, beta,
   lists with fewer than two valid responses are skipped.
   """
   del rng
-  lists = gather_lists(model, batch, frozen, list_size=list_size,
-                       reference=reference, chunk_size=chunk_size)
+  lists = common.gather_lists(model, batch, frozen, list_size=list_size,
+                              reference=reference, chunk_size=chunk_size)
   scores = beta * (lists.logps - lists.ref_logps)
   list_valid = jnp.sum(lists.valid, axis=-1) >= 2
   per_list = list_loss(scores, lists.labels, where=lists.valid)
-  return _reduce(per_list, list_valid,
-                 list_metrics(scores, lists, list_valid))
+  return common.reduce(per_list, list_valid,
+                       list_metrics(scores, lists, list_valid))
 
 
 def kto_objective(model, batch, rng, *, frozen=None, beta, desirable_weight,
                   undesirable_weight, reference, chunk_size=None):
   """KTO on binary feedback; slot 1 is the mismatched KL completion."""
   del rng
-  lists = gather_lists(model, batch, frozen, list_size=2,
-                       reference=reference, chunk_size=chunk_size)
+  lists = common.gather_lists(model, batch, frozen, list_size=2,
+                              reference=reference, chunk_size=chunk_size)
   valid = lists.valid[:, 0]
   kl_valid = lists.valid[:, 0] & lists.valid[:, 1]
   # kto_kl_baseline averages over all P entries; rescaling the valid log
@@ -348,83 +302,61 @@ def kto_objective(model, batch, rng, *, frozen=None, beta, desirable_weight,
       desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
   rewards = beta * (lists.logps[:, 0] - lists.ref_logps[:, 0])
   metrics = {
-      "rewards/chosen": _mean_of(rewards, valid & desirable),
-      "rewards/rejected": _mean_of(rewards, valid & ~desirable),
-      "logps/chosen": _mean_of(lists.logps[:, 0], valid & desirable),
-      "logps/rejected": _mean_of(lists.logps[:, 0], valid & ~desirable),
-      "kl": _mean_of(losses.kto_kl_baseline(kl_ratio, 0.0 * kl_ratio),
-                     jnp.bool_(True)),
+      "rewards/chosen": mean_of(rewards, valid & desirable),
+      "rewards/rejected": mean_of(rewards, valid & ~desirable),
+      "logps/chosen": mean_of(lists.logps[:, 0], valid & desirable),
+      "logps/rejected": mean_of(lists.logps[:, 0], valid & ~desirable),
+      "kl": mean_of(losses.kto_kl_baseline(kl_ratio, 0.0 * kl_ratio),
+                    jnp.bool_(True)),
   }
-  return _reduce(per_example, valid, metrics)
+  return common.reduce(per_example, valid, metrics)
 
 
 # --- from_config: config.objective -> objective -------------------------------
 
 
-def _reference_mode(config, needs_reference=True):
-  if not needs_reference:
-    return "none"
-  if config.reference == "frozen":
-    return "frozen"
-  if config.data.preference.reference_cache:
-    return "cached"
-  if config.preference.cache_reference:
-    raise ValueError(
-        "config.preference.cache_reference=True but no cache is set: fill it "
-        "with alignax.data.reference_cache.prepare(config, workdir) (or run "
-        "python -m alignax.data.reference_cache with the launcher's flags)")
-  raise ValueError(
-      f"config.objective={config.objective!r} needs a reference model: set "
-      "config.reference='frozen' (live) or config.preference.cache_reference"
-      "=True (log-probs precomputed by alignax.data.reference_cache)")
-
-
-def _check_format(config, *formats):
-  fmt = config.data.preference.format
-  if fmt not in formats:
-    raise ValueError(f"config.objective={config.objective!r} needs "
-                     f"config.data.preference.format in {formats}, got "
-                     f"{fmt!r}")
-
-
 def _pairwise(config, pair_loss, needs_reference=True):
-  _check_format(config, "pairs")
+  common.check_format(config, "pairs")
   p = config.preference
   return functools.partial(
       pairwise_objective, pair_loss=pair_loss, beta=p.beta,
-      reference=_reference_mode(config, needs_reference),
+      reference=common.reference_mode(config, needs_reference),
       chunk_size=p.logps_chunk or None)
 
 
-def dpo_from_config(config):
+def dpo_from_config(config, *, mesh=None):
   """DPO family: ``preference.loss_type`` (+ ``sft_weight`` NLL)."""
-  loss = build_pair_loss(config.preference)
+  del mesh
   w = config.preference.sft_weight
-  nll = pair_term(nll_loss, {})
-  return _pairwise(config, (lambda p: loss(p) + w * nll(p)) if w else loss)
+  return _pairwise(config, build_pair_loss(
+      config.preference, extra=(("sft", w),) if w else ()))
 
 
-def orpo_from_config(config):
+def orpo_from_config(config, *, mesh=None):
+  del mesh  # every builder takes it; only the contrastive path uses it
   p = config.preference
   return _pairwise(config, functools.partial(
       orpo_pair_loss, beta=p.beta, sft_weight=1.0 + p.sft_weight), False)
 
 
-def simpo_from_config(config):
+def simpo_from_config(config, *, mesh=None):
+  del mesh  # every builder takes it; only the contrastive path uses it
   p = config.preference
   return _pairwise(config, functools.partial(
       simpo_pair_loss, beta=p.beta, gamma=p.simpo_gamma,
       label_smoothing=p.label_smoothing, sft_weight=p.sft_weight), False)
 
 
-def cpo_from_config(config):
+def cpo_from_config(config, *, mesh=None):
+  del mesh  # every builder takes it; only the contrastive path uses it
   p = config.preference
   return _pairwise(config, functools.partial(
       cpo_pair_loss, beta=p.beta, label_smoothing=p.label_smoothing,
       sft_weight=p.sft_weight), False)
 
 
-def modpo_from_config(config):
+def modpo_from_config(config, *, mesh=None):
+  del mesh  # every builder takes it; only the contrastive path uses it
   p, fields = config.preference, config.data.preference.reward_fields
   if len(p.modpo_weights) != len(fields) + 1:
     raise ValueError(
@@ -444,10 +376,11 @@ LIST_LOSSES = {
 }
 
 
-def lipo_from_config(config):
+def lipo_from_config(config, *, mesh=None):
   """Listwise (LiPO-λ by default): ``preference.list_loss``."""
+  del mesh
   p = config.preference
-  _check_format(config, "lists", "pairs")
+  common.check_format(config, "lists", "pairs")
   if p.list_loss not in LIST_LOSSES:
     raise ValueError(f"config.preference.list_loss={p.list_loss!r}: use "
                      f"{sorted(LIST_LOSSES)}")
@@ -457,13 +390,16 @@ def lipo_from_config(config):
   return functools.partial(
       listwise_objective, list_loss=list_loss, beta=p.beta,
       list_size=preference_data.list_size(config.data.preference),
-      reference=_reference_mode(config), chunk_size=p.logps_chunk or None)
+      reference=common.reference_mode(config),
+      chunk_size=p.logps_chunk or None)
 
 
-def kto_from_config(config):
+def kto_from_config(config, *, mesh=None):
+  del mesh  # every builder takes it; only the contrastive path uses it
   p = config.preference
-  _check_format(config, "binary")
+  common.check_format(config, "binary")
   return functools.partial(
       kto_objective, beta=p.beta, desirable_weight=p.kto_desirable_weight,
       undesirable_weight=p.kto_undesirable_weight,
-      reference=_reference_mode(config), chunk_size=p.logps_chunk or None)
+      reference=common.reference_mode(config),
+      chunk_size=p.logps_chunk or None)

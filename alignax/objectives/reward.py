@@ -15,20 +15,16 @@ import jax.numpy as jnp
 
 from alignax import losses
 from alignax.models import heads
-from alignax.objectives import preference
+from alignax.objectives import common
 
 
 def slot_rewards(model, batch):
   """Reward of every response slot, ``[B, S]`` (0 for empty slots)."""
-  hidden = model(batch["inputs"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"], prefix=batch["prefix"],
-                 attend_to=batch["attend_to"], return_hidden=True)  # [B, T, D]
+  hidden = common.hidden_states(model, batch)  # [B, T, D]
   per_token = model.rewards_from_hidden(hidden)  # [B, T]
-  num_slots = batch["labels"].shape[1]
-  onehot = ((batch["slot"][..., None] == jnp.arange(num_slots))
-            & (batch["weights"][..., None] != 0))  # [B, T, S]
-  pos = jnp.arange(per_token.shape[1])[None, :, None]
-  last = jnp.max(jnp.where(onehot, pos, -1), axis=1)  # [B, S]
+  in_slot = common.slot_weights(batch) != 0  # [B, S, T]
+  pos = jnp.arange(per_token.shape[1])
+  last = jnp.max(jnp.where(in_slot, pos, -1), axis=-1)  # [B, S]
   picked = jnp.take_along_axis(per_token, jnp.maximum(last, 0), axis=1)
   return jnp.where(last >= 0, picked, 0.0)
 
@@ -42,17 +38,18 @@ def reward_objective(model, batch, rng, *, frozen=None, center_coef=0.0):
   chosen, rejected = pairs[:, 0], pairs[:, 1]
   per_pair = losses.bradley_terry_loss(chosen, rejected,
                                        center_coef=center_coef)
-  mean_of = preference._mean_of  # pylint: disable=protected-access
+  mean_of = common.mean_of
   metrics = {"reward/accuracy": mean_of(chosen > rejected, valid),
              "reward/chosen": mean_of(chosen, valid),
              "reward/rejected": mean_of(rejected, valid),
              "reward/margin": mean_of(chosen - rejected, valid)}
-  return preference._reduce(per_pair, valid, metrics)  # pylint: disable=protected-access
+  return common.reduce(per_pair, valid, metrics)
 
 
-def from_config(config):
+def from_config(config, *, mesh=None):
   """The Bradley–Terry objective; reads pairs (``data.preference.format``)."""
-  preference._check_format(config, "pairs")  # pylint: disable=protected-access
+  del mesh
+  common.check_format(config, "pairs")
   return functools.partial(reward_objective,
                            center_coef=config.preference.reward_center_coef)
 

@@ -26,7 +26,6 @@ import functools
 import jax.numpy as jnp
 
 from alignax.data import ul2_pipeline
-from alignax.losses import _lm
 from alignax.objectives import lm
 
 FAMILIES = ("R", "X", "S")
@@ -89,21 +88,16 @@ def ul2_objective(model, batch, rng, *, frozen=None, denoisers, z_loss=0.0):
   if "denoiser" not in batch:
     raise ValueError(f"ul2_objective needs batches with a 'denoiser' field "
                      f"(config.data.task='ul2'); got fields {sorted(batch)}")
-  logits = lm.forward(model, batch)  # [B, T, V]
-  per_token = _lm.token_cross_entropy(logits, batch["targets"], z_loss=z_loss)
-  weights = batch["weights"].astype(jnp.float32)
-  loss_sum = jnp.sum(per_token * weights)
-  count = jnp.sum(weights)
-  correct = jnp.argmax(logits, axis=-1) == batch["targets"]
-  metrics = {"loss": (loss_sum, count),
-             "accuracy": (jnp.sum(correct * weights), count)}
+  per_token, weights, metrics = lm.token_losses(model, batch, z_loss=z_loss)
   metrics.update(denoiser_metrics(per_token, weights, batch["denoiser"],
                                   denoisers))
+  loss_sum, count = metrics["loss"]
   return loss_sum, (count, metrics)
 
 
-def from_config(config):
+def from_config(config, *, mesh=None):
   """The UL2 objective for ``config.data.ul2``'s mixture and z-loss."""
+  del mesh
   return functools.partial(
       ul2_objective, z_loss=config.train.z_loss,
       denoisers=ul2_pipeline.denoisers_from_config(config.data.ul2))

@@ -110,26 +110,33 @@ def test_run_config_takes_model_and_tokenizer_from_the_directory(hf_dir):
   assert c.model.n_layers == 7  # the caller's config is not modified
 
 
-def test_launch_dpo_demo_from_an_hf_directory(hf_dir, tmp_path):
-  model, path, _ = hf_dir
-  workdir = str(tmp_path / 'dpo')
+def _launch_dpo_demo(path, workdir, *extra, one_device=False):
+  """The DPO demo for 2 steps at lr 0 from the HF directory ``path``."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
-  env['XLA_FLAGS'] = ' '.join(  # one CPU device, as a laptop user has
-      f for f in env.get('XLA_FLAGS', '').split()
-      if not f.startswith('--xla_force_host_platform_device_count'))
+  if one_device:  # as a laptop user has
+    env['XLA_FLAGS'] = ' '.join(
+        f for f in env.get('XLA_FLAGS', '').split()
+        if not f.startswith('--xla_force_host_platform_device_count'))
   cmd = [sys.executable, os.path.join(ROOT, 'launch', 'tpu_train.py'),
          '--config=' + os.path.join(ROOT, 'configs', 'dpo_demo.py'),
          f'--workdir={workdir}', f'--config.checkpoint.init_from={path}',
-         '--config.train.steps=2', '--config.train.batch_size=4',
-         '--config.train.seq_len=64', '--config.train.log_every=1',
+         '--config.train.steps=2', '--config.train.seq_len=64',
+         '--config.train.log_every=1',
          '--config.train.eval_every=0', '--config.train.progress_bar=False',
          '--config.checkpoint.save_every=2', '--config.optimizer.lr=0',
          '--config.optimizer.warmup_steps=0',
          '--config.data.preference.max_prompt_len=24',
-         '--config.data.preference.max_response_len=8']
+         '--config.data.preference.max_response_len=8', *extra]
   done = subprocess.run(cmd, env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_launch_dpo_demo_from_an_hf_directory(hf_dir, tmp_path):
+  model, path, _ = hf_dir
+  workdir = str(tmp_path / 'dpo')
+  _launch_dpo_demo(path, workdir, '--config.train.batch_size=4',
+                   one_device=True)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   # Policy = reference (lr 0): every implicit reward is 0, the loss log 2.
@@ -159,3 +166,25 @@ def test_launch_dpo_demo_from_an_hf_directory(hf_dir, tmp_path):
   np.testing.assert_allclose(_hf_logits(back, tokens),
                              _hf_logits(model, tokens), atol=1e-6)
   assert os.path.isfile(os.path.join(out, 'tokenizer.json'))
+
+
+def test_launch_cached_reference_from_an_hf_directory(hf_dir, tmp_path):
+  # cache_reference through the launcher: the cache is filled from the HF
+  # model (the policy's start) before training. With lr 0 the cached
+  # reference equals the policy, so DPO's loss is log 2 at every step.
+  _, path, _ = hf_dir
+  workdir = str(tmp_path / 'dpo_cached')
+  _launch_dpo_demo(path, workdir, '--config.reference=none',
+                   '--config.preference.cache_reference=True',
+                   '--config.train.batch_size=8')
+  caches = os.listdir(os.path.join(workdir, 'reference_cache'))
+  assert len(caches) == 1
+  with open(os.path.join(workdir, 'reference_cache', caches[0],
+                         'spec.json')) as f:
+    spec = json.load(f)
+  assert spec['model']['d_model'] == 32  # the HF model's, not the demo's
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 2
+  for r in records:
+    np.testing.assert_allclose(r['train/loss'], math.log(2), rtol=1e-5)

@@ -275,27 +275,34 @@ def test_aot_is_invariant_to_batch_order():
 def test_f_divergence_scores_match_numpy():
   c, r = np.array([0.4, -1.3, 2.0]), np.array([-0.5, 0.7, -2.5])
   np.testing.assert_allclose(pref.reverse_kl_scores(c, r), (c, r))
+  # TRL keeps f'(u)'s additive constants (they matter once each score is
+  # divided by its own length: ipo, sigmoid_norm).
   np.testing.assert_allclose(pref.forward_kl_scores(c, r),
-                             (-np.exp(-c), -np.exp(-r)), rtol=1e-6)
+                             (1 - np.exp(-c), 1 - np.exp(-r)), rtol=1e-6)
   np.testing.assert_allclose(pref.js_divergence_scores(c, r),
-                             (_ls(c), _ls(r)), rtol=1e-6)
+                             (np.log(2) + _ls(c), np.log(2) + _ls(r)),
+                             rtol=1e-6)
   for alpha in (0.5, 0.2, 1.7):
-    want = tuple(np.exp((alpha - 1) * x) / (alpha - 1) for x in (c, r))
+    want = tuple((np.exp((alpha - 1) * x) - 1) / (alpha - 1) for x in (c, r))
     np.testing.assert_allclose(
         pref.alpha_divergence_scores(c, r, alpha=alpha), want, rtol=1e-5)
   # alpha = 1 is the reverse-KL limit.
   np.testing.assert_allclose(pref.alpha_divergence_scores(c, r, alpha=1.0),
                              (c, r))
-  # Hand value: alpha = 0.5 gives -2 e^{-0.5 * 0.4} = -2 e^{-0.2}.
+  # Hand values: alpha = 0.5 gives -2 (e^{-0.5 * 0.4} - 1) = 0.362538;
+  # forward KL at c = 1: 1 - e^-1 = 0.632121; JS at 0: log 2 + log 1/2 = 0.
   np.testing.assert_allclose(
-      pref.alpha_divergence_scores(0.4, -0.5)[0], -2 * math.exp(-0.2),
-      rtol=1e-6)
+      pref.alpha_divergence_scores(0.4, -0.5)[0], 0.3625385, rtol=1e-6)
+  np.testing.assert_allclose(pref.forward_kl_scores(1.0, 0.0)[0], 0.6321206,
+                             rtol=1e-6)
+  np.testing.assert_allclose(pref.js_divergence_scores(0.0, 0.0)[0], 0.0,
+                             atol=1e-7)
 
 
 def test_f_divergence_scores_clamp_like_trl():
   # (alpha - 1) * c = 500 is clamped to 80 before exp (float32).
   got = pref.alpha_divergence_scores(jnp.float32(-1000.0), jnp.float32(0.0))
-  np.testing.assert_allclose(got[0], -2 * math.exp(80.0), rtol=1e-6)
+  np.testing.assert_allclose(got[0], -2 * (math.exp(80.0) - 1), rtol=1e-6)
 
 
 def test_f_divergence_dpo_equals_older_trl_logits():

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from alignax import defaults
+from alignax import objectives
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax.models import ModelConfig
@@ -70,6 +71,44 @@ def test_views_loss_hand_values():
   np.testing.assert_allclose(jnp.mean(siglip), 3.165703, rtol=1e-6)
   with pytest.raises(ValueError, match=r"2 texts per example.*\(3, 3, 2\)"):
     con.views_loss("clip")(jnp.stack([X, Y, Y], axis=1), 10.0, 0.0)
+
+
+def _np_lse_off_diagonal(s):
+  """Row-wise log-sum-exp of ``s`` without its diagonal."""
+  s = np.where(np.eye(len(s), dtype=bool), -np.inf, s)
+  return np.log(np.exp(s).sum(1))
+
+
+def test_decoupled_and_symile_losses_match_numpy():
+  rng = np.random.default_rng(3)
+  emb = rng.normal(size=(5, 3, 4))
+  emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+  t = 4.0
+  x, y, z = emb[:, 0], emb[:, 1], emb[:, 2]
+  # DHEL: -t x_i.y_i + energies of both views (same-view negatives only).
+  want = (_np_lse_off_diagonal(t * x @ x.T) + _np_lse_off_diagonal(t * y @ y.T)
+          - t * np.sum(x * y, -1))
+  np.testing.assert_allclose(con.views_loss("dhel")(emb[:, :2], t, 0.0), want,
+                             rtol=1e-5)
+  # DCL: the positive leaves the denominator; both directions averaged.
+  def one_way(a, b):
+    neg = np.concatenate([np.where(np.eye(5, dtype=bool), -np.inf, t * a @ a.T),
+                          np.where(np.eye(5, dtype=bool), -np.inf, t * a @ b.T)],
+                         1)
+    return np.log(np.exp(neg).sum(1)) - t * np.sum(a * b, -1)
+  np.testing.assert_allclose(con.views_loss("dcl")(emb[:, :2], t, 0.0),
+                             0.5 * (one_way(x, y) + one_way(y, x)), rtol=1e-5)
+  # Symile, 3 views: the anchor x_i scores every (y_j, z_k) by t * sum x y z;
+  # the loss averages the three anchors' cross-entropies.
+  def anchor(a, b, c):
+    scores = t * np.einsum("id,jd,kd->ijk", a, b, c).reshape(5, 25)
+    target = np.arange(5) * 5 + np.arange(5)
+    return np.log(np.exp(scores).sum(1)) - scores[np.arange(5), target]
+  got = con.views_loss("symile")(emb, t, 0.0)
+  want = (anchor(x, y, z) + anchor(y, x, z) + anchor(z, x, y)) / 3
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match=">= 3 views"):
+    con.views_loss("symile")(emb[:, :2], t, 0.0)
 
 
 def np_clip(q, d, t):
@@ -243,9 +282,9 @@ def test_head_config_and_validation():
   c.contrastive.temperature = 0.05
   assert math.isclose(con.head_config(c.contrastive).init_log_scale,
                       math.log(20.0), rel_tol=1e-6)
-  assert con.model_builder(c) is not None
+  assert objectives.model_builder(c) is not None  # EmbeddingModel
   c.objective = "lm"
-  assert con.model_builder(c) is None
+  assert objectives.model_builder(c) is None  # the plain Transformer
   bad = [({"train.microbatches": 2, "train.batch_size": 16}, "microbatches"),
          ({"contrastive.loss": "triplet"}, "contrastive.loss"),
          ({"contrastive.ring": True, "contrastive.loss": "infonce"}, "ring"),

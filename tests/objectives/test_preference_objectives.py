@@ -17,6 +17,7 @@ from alignax import step as step_lib
 from alignax.data import preference_packing as packing
 from alignax.models import ModelConfig
 from alignax.models import layers
+from alignax.objectives import common
 from alignax.objectives import preference as pref
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
@@ -89,8 +90,12 @@ def run(objective, batch, seed=0, ref_seed=1):
 
 
 def slot_logps(seed, batch, chunk_size=None):
-  return jax.jit(lambda p, b: pref.slot_logps(
+  """``(sums, lengths)`` per slot; the means are checked against them."""
+  sums, lengths, means = jax.jit(lambda p, b: common.slot_logps(
       nnx.merge(GRAPHDEF, p), b, chunk_size=chunk_size))(params(seed), batch)
+  np.testing.assert_allclose(means, sums / np.maximum(lengths, 1.0),
+                             rtol=1e-6)
+  return sums, lengths
 
 
 def by_example(batch, values, k):
@@ -189,23 +194,47 @@ def _pcfg(**kw):
 def _pairs(seed=0, ref_seed=1):
   exs = examples(9, 2, seed=seed, num_rewards=2)
   batch = packed(exs, 2, num_rewards=2)
-  lists = jax.jit(lambda p, f, b: pref.gather_lists(
+  lists = jax.jit(lambda p, f, b: common.gather_lists(
       nnx.merge(GRAPHDEF, p), b, f, list_size=2, reference="frozen"))(
           params(seed), params(ref_seed), batch)
-  return pref.to_pairs(lists), batch
+  return common.to_pairs(lists), batch
+
+
+# loss_type -> (public loss, keywords it gets from the config besides beta).
+PUBLIC_LOSSES = {
+    "sigmoid": (losses.dpo_loss, ()),
+    "hinge": (losses.hinge_loss, ()),
+    "ipo": (losses.ipo_loss, ("lengths",)),
+    "sigmoid_norm": (losses.sigmoid_norm_loss, ("lengths",)),
+    "exo_pair": (losses.exo_pair_loss, ("epsilon",)),
+    "robust": (losses.robust_loss, ("label_smoothing",)),
+    "discopop": (losses.discopop_loss, ()),
+    "nca_pair": (losses.nca_pair_loss, ()),
+    "bco_pair": (losses.bco_pair_loss, ()),
+    "sppo_hard": (losses.sppo_hard_loss, ()),
+    "apo_zero": (losses.apo_zero_loss, ()),
+    "apo_down": (losses.apo_down_loss, ()),
+}
 
 
 def test_every_loss_type_and_combinations():
   p, _ = _pairs()
   v = np.asarray(p.valid)
-  for name, fn in pref.PAIR_LOSSES.items():
-    out = pref.build_pair_loss(_pcfg(loss_type=name))(p)
+  assert set(PUBLIC_LOSSES) | {"sft", "aot", "aot_unpaired"} == set(
+      pref.PAIR_LOSSES)
+  for name in pref.PAIR_LOSSES:
+    ls = 1e-3 if name == "exo_pair" else 0.1
+    out = pref.build_pair_loss(_pcfg(loss_type=name, label_smoothing=ls))(p)
     assert out.shape == v.shape and np.all(np.isfinite(out)), name
-    if name not in ("sft", "aot", "aot_unpaired"):  # those couple the batch
+    if name in PUBLIC_LOSSES:  # sft and aot* couple the batch
+      fn, keys = PUBLIC_LOSSES[name]
       args = [np.asarray(x)[v] for x in p[:4]]
-      lens = dict(chosen_lengths=np.asarray(p.chosen_lengths)[v],
+      kw = {"epsilon": ls} if "epsilon" in keys else {}
+      if "label_smoothing" in keys:
+        kw["label_smoothing"] = ls
+      if "lengths" in keys:
+        kw.update(chosen_lengths=np.asarray(p.chosen_lengths)[v],
                   rejected_lengths=np.asarray(p.rejected_lengths)[v])
-      kw = {k: lens[k] for k in lens if k in fn.__code__.co_varnames}
       np.testing.assert_allclose(out[v], fn(*args, beta=0.1, **kw), rtol=1e-5,
                                  atol=1e-6, err_msg=name)
   # MPO-style weighted sum; the sft term is TRL's token-mean chosen NLL.
@@ -222,6 +251,116 @@ def test_every_loss_type_and_combinations():
                              rtol=1e-5)
   with pytest.raises(ValueError, match="loss_type='sigmod'"):
     pref.build_pair_loss(_pcfg(loss_type="sigmod"))
+
+
+# --- f-divergences against TRL 1.16's DPOTrainer._compute_loss ---------------
+
+
+def _logsig(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def trl_dpo_loss(loss_type, f_div, c, r, rc, rr, lc, lr, *, beta, ls, tau,
+                 alpha):
+  """NumPy transcription of TRL 1.16 ``_compute_loss`` (per sequence)."""
+  cl, rl = c - rc, r - rr
+  if f_div == "reverse_kl":
+    cs, rs = cl, rl
+  elif f_div == "forward_kl":
+    cs, rs = 1 - np.exp(-cl), 1 - np.exp(-rl)
+  elif f_div == "js_divergence":
+    cs, rs = np.log(2) + _logsig(cl), np.log(2) + _logsig(rl)
+  else:
+    coef = 1.0 / (alpha - 1.0)
+    cs = (np.exp(np.minimum((alpha - 1.0) * cl, 80.0)) - 1.0) * coef
+    rs = (np.exp(np.minimum((alpha - 1.0) * rl, 80.0)) - 1.0) * coef
+  d = cs - rs
+  lc, lr = np.maximum(lc, 1.0), np.maximum(lr, 1.0)
+  if loss_type == "sigmoid":
+    return -_logsig(beta * d)
+  if loss_type == "hinge":
+    return np.maximum(0.0, 1 - beta * d)
+  if loss_type == "ipo":
+    return (cs / lc - rs / lr - 1 / (2 * beta)) ** 2
+  if loss_type == "exo_pair":
+    z = beta * d
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    return (sig(z) * (_logsig(z) - np.log1p(-ls))
+            + sig(-z) * (_logsig(-z) - np.log(ls)))
+  if loss_type == "robust":
+    clean = -(1 - ls) * _logsig(beta * d)
+    flipped = -ls * _logsig(-beta * d)
+    return (clean - flipped) / (1 - 2 * ls)
+  if loss_type == "discopop":
+    z = beta * d
+    m = 1 / (1 + np.exp(-z / tau))
+    return (1 - m) * -_logsig(z) + m * np.exp(-z)
+  assert loss_type == "sigmoid_norm"
+  return -_logsig(beta * (cs / lc - rs / lr))
+
+
+def _synthetic_pairs(n=6, seed=0):
+  """Pairs with unequal completion lengths (1 to 40 tokens), all valid."""
+  rng = np.random.default_rng(seed)
+  lc = rng.integers(1, 40, n).astype(np.float32)
+  lr = rng.integers(1, 40, n).astype(np.float32)
+  c, r = -0.8 * lc + rng.normal(0, 1, n), -0.8 * lr + rng.normal(0, 1, n)
+  rc, rr = c + rng.normal(0, 0.7, n), r + rng.normal(0, 0.7, n)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  zeros = jnp.zeros((n, 0))
+  return common.Pairs(f(c), f(r), f(rc), f(rr), f(lc), f(lr), f(c / lc),
+                      f(r / lr), jnp.ones(n, bool), zeros, zeros)
+
+
+@pytest.mark.parametrize("f_div", ["reverse_kl", "forward_kl", "js_divergence",
+                                   "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", list(pref.F_DIVERGENCE_LOSSES[:-1]))
+def test_f_divergences_equal_trl_on_unequal_lengths(f_div, loss_type):
+  p = _synthetic_pairs()
+  ls = {"exo_pair": 1e-3, "robust": 0.1}.get(loss_type, 0.0)
+  cfg = _pcfg(loss_type=loss_type, f_divergence=f_div, beta=0.1,
+              label_smoothing=ls, alpha_divergence_coef=0.3)
+  got = pref.build_pair_loss(cfg)(p)
+  want = trl_dpo_loss(loss_type, f_div, *(np.asarray(x, np.float64)
+                                          for x in p[:6]),
+                      beta=0.1, ls=ls, tau=cfg.discopop_tau, alpha=0.3)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_forward_kl_ipo_keeps_trl_constant_hand_value():
+  # One pair, logratios c = -1 (12 chosen tokens) and r = 0.5 (1 token):
+  # scores 1 - e^1 = -1.718282 and 1 - e^-0.5 = 0.393469; the per-token
+  # margin -1.718282 / 12 - 0.393469 = -0.536659 and beta = 0.1 give
+  # (-0.536659 - 5)^2 = 30.654598. Dropping the constants gives 21.344.
+  f = lambda x: jnp.asarray([x], jnp.float32)
+  p = common.Pairs(f(-1.0), f(0.5), f(0.0), f(0.0), f(12.0), f(1.0),
+                   f(-1 / 12), f(0.5), jnp.ones(1, bool), jnp.zeros((1, 0)),
+                   jnp.zeros((1, 0)))
+  got = pref.build_pair_loss(_pcfg(loss_type="ipo", f_divergence="forward_kl",
+                                   beta=0.1))(p)
+  np.testing.assert_allclose(got, [30.654598], rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard",
+                                       "aot", "aot_unpaired", "apo_zero",
+                                       "apo_down", "sigmoid, apo_zero"])
+def test_f_divergence_refused_where_trl_refuses(loss_type):
+  with pytest.raises(ValueError, match="does not go with loss_type"):
+    pref.build_pair_loss(_pcfg(loss_type=loss_type,
+                               f_divergence="js_divergence"))
+  pref.build_pair_loss(_pcfg(loss_type=loss_type))  # reverse KL is fine
+
+
+def test_label_smoothing_ranges_as_trl():
+  with pytest.raises(ValueError, match="exo_pair"):
+    pref.build_pair_loss(_pcfg(loss_type="exo_pair"))  # epsilon 0: log 0
+  with pytest.raises(ValueError, match=r"\[0, 0.5\) for loss_type 'robust'"):
+    pref.build_pair_loss(_pcfg(loss_type="robust", label_smoothing=0.5))
+  # sigmoid ignores label_smoothing, as TRL >= 1.0 does (no cDPO).
+  p = _synthetic_pairs()
+  np.testing.assert_array_equal(
+      pref.build_pair_loss(_pcfg(label_smoothing=0.2))(p),
+      pref.build_pair_loss(_pcfg())(p))
 
 
 def test_reference_free_and_modpo_losses():

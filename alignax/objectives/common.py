@@ -1,0 +1,186 @@
+"""What every objective shares: metric reductions and packed-batch views.
+
+Objectives return ``(loss_sum, (count, metrics))`` with ``metrics`` mapping
+names to ``(sum, count)`` pairs (see :mod:`alignax.objectives.lm`);
+:func:`mean_of` and :func:`reduce` build those. The preference, binary and
+reward objectives read the packed batches of
+:mod:`alignax.data.preference_packing`: response *slots* ``[B, S]`` of each
+row regroup into ``[B * G, K]`` examples (:class:`Lists`), and pairs are the
+``K = 2`` case (:class:`Pairs`: slot 0 chosen, slot 1 rejected).
+
+The reference model is either the frozen starting parameters passed to the
+step (``config.reference='frozen'``: rebuilt with ``nnx.merge`` under
+``stop_gradient``) or log-probs precomputed into the batch
+(``config.preference.cache_reference``: :mod:`alignax.reference`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignax import policy
+
+Array = jax.Array
+
+
+# --- (sum, count) metrics -------------------------------------------------------
+
+
+def mean_of(x, where):
+  """A ``(sum, count)`` metric of ``x`` over ``where`` (no gradient)."""
+  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  return (jnp.sum(jnp.where(where, x, 0.0)),
+          jnp.sum(where).astype(jnp.float32))
+
+
+def reduce(per_example, valid, metrics):
+  """``(loss_sum, (count, metrics + loss))`` over the valid examples."""
+  loss_sum = jnp.sum(jnp.where(valid, per_example, 0.0))
+  count = jnp.sum(valid).astype(jnp.float32)
+  return loss_sum, (count, {"loss": (loss_sum, count), **metrics})
+
+
+# --- config checks shared by the preference-data objectives -----------------------
+
+
+def check_format(config, *formats) -> None:
+  """Raises unless ``config.data.preference.format`` is one of ``formats``."""
+  fmt = config.data.preference.format
+  if fmt not in formats:
+    raise ValueError(f"config.objective={config.objective!r} needs "
+                     f"config.data.preference.format in {formats}, got "
+                     f"{fmt!r}")
+
+
+def reference_mode(config, needs_reference: bool = True) -> str:
+  """``'frozen'``, ``'cached'`` or ``'none'``, from the config.
+
+  ``cache_reference=True`` without a filled cache means the run did not go
+  through ``train.run`` (which fills it first, see :mod:`alignax.reference`).
+  """
+  if not needs_reference:
+    return "none"
+  if config.reference == "frozen":
+    return "frozen"
+  if config.data.preference.reference_cache:
+    return "cached"
+  if config.preference.cache_reference:
+    raise ValueError(
+        "config.preference.cache_reference=True but "
+        "config.data.preference.reference_cache is empty: train.run fills "
+        "it; outside the loop call alignax.reference.prepare(config, workdir)")
+  raise ValueError(
+      f"config.objective={config.objective!r} needs a reference model: set "
+      "config.reference='frozen' (live) or config.preference.cache_reference"
+      "=True (log-probs precomputed before training)")
+
+
+# --- packed preference batches ---------------------------------------------------
+
+
+def hidden_states(model, batch):
+  """Final hidden states ``[B, T, D]`` of a packed preference batch."""
+  return model(batch["inputs"], positions=batch["positions"],
+               segment_ids=batch["segment_ids"], prefix=batch["prefix"],
+               attend_to=batch["attend_to"], return_hidden=True)
+
+
+def slot_weights(batch) -> Array:
+  """``[B, S, T]`` completion weights of each response slot."""
+  num_slots = batch["labels"].shape[1]
+  in_slot = batch["slot"][:, None, :] == jnp.arange(num_slots)[None, :, None]
+  weights = batch["weights"].astype(jnp.float32)[:, None, :]  # [B, 1, T]
+  return jnp.where(in_slot, weights, 0.0)
+
+
+def slot_logps(model, batch, *, chunk_size=None):
+  """Summed log-probs, token counts and mean log-probs per slot, ``[B, S]``."""
+  hidden = hidden_states(model, batch)
+  tokens = policy.token_logps_from_hidden(
+      hidden, model.logits_from_hidden, batch["targets"],
+      chunk_size=chunk_size)  # [B, T]
+  weights = slot_weights(batch)  # [B, S, T]
+  per_slot = jnp.broadcast_to(tokens[:, None, :], weights.shape)
+  return (policy.sequence_logps(per_slot, weights),
+          policy.completion_lengths(weights),
+          policy.mean_logps(per_slot, weights))
+
+
+def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None):
+  """Reference log-probs ``[B, S]``: live from ``frozen``, cached, or 0."""
+  if reference == "frozen":
+    if frozen is None:
+      raise ValueError("reference='frozen' but the step got no frozen "
+                       "parameters (config.reference must be 'frozen').")
+    ref_model = nnx.merge(nnx.graphdef(model), jax.lax.stop_gradient(frozen))
+    return jax.lax.stop_gradient(
+        slot_logps(ref_model, batch, chunk_size=chunk_size)[0])
+  if reference == "cached":
+    return batch["ref_logps"].astype(jnp.float32)
+  return jnp.zeros(batch["labels"].shape, jnp.float32)
+
+
+class Lists(NamedTuple):
+  """Per-example views ``[P, K]`` (``P = B * G``) of a packed batch."""
+  logps: Array
+  ref_logps: Array
+  lengths: Array
+  mean_logps: Array
+  labels: Array
+  valid: Array
+  rewards: Array  # [P, K, M]
+
+
+def gather_lists(model, batch, frozen, *, list_size, reference,
+                 chunk_size=None) -> Lists:
+  """Runs the policy (and reference) and regroups slots into examples."""
+  logps, lengths, means = slot_logps(model, batch, chunk_size=chunk_size)
+  ref = reference_slot_logps(model, batch, frozen, reference=reference,
+                             chunk_size=chunk_size)
+  b, s = logps.shape
+  if s % list_size:
+    raise ValueError(f"{s} response slots per row are not a multiple of "
+                     f"list_size={list_size}.")
+  as_lists = lambda x: x.reshape(b * s // list_size, list_size, *x.shape[2:])
+  valid = batch["valid"].astype(bool)
+  return Lists(*(as_lists(x) for x in (
+      logps, jnp.where(valid, ref, 0.0), lengths, means,
+      batch["labels"].astype(jnp.float32), valid,
+      batch["rewards"].astype(jnp.float32))))
+
+
+class Pairs(NamedTuple):
+  """Chosen (slot 0) / rejected (slot 1) views ``[P]``.
+
+  Invalid pairs hold 0, except the mean log-probs, which hold -1 (ORPO's
+  odds need a log-prob below 0).
+  """
+  chosen: Array
+  rejected: Array
+  ref_chosen: Array
+  ref_rejected: Array
+  chosen_lengths: Array
+  rejected_lengths: Array
+  chosen_mean: Array
+  rejected_mean: Array
+  valid: Array
+  chosen_rewards: Array  # [P, M]
+  rejected_rewards: Array
+
+
+def to_pairs(lists: Lists) -> Pairs:
+  """The ``K = 2`` view of :class:`Lists`."""
+  valid = lists.valid[:, 0] & lists.valid[:, 1]
+
+  def pick(x, k, fill=0.0):
+    return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 2)), x[:, k], fill)
+
+  return Pairs(pick(lists.logps, 0), pick(lists.logps, 1),
+               pick(lists.ref_logps, 0), pick(lists.ref_logps, 1),
+               pick(lists.lengths, 0), pick(lists.lengths, 1),
+               pick(lists.mean_logps, 0, -1.0), pick(lists.mean_logps, 1, -1.0),
+               valid, pick(lists.rewards, 0), pick(lists.rewards, 1))
