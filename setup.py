@@ -28,6 +28,11 @@ EXTRAS_REQUIRE = {
     "hf": ["torch==2.13.0", "transformers==5.23.0"],
     "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "ipykernel==7.4.0",
                   "nbformat==5.11.1"],
+    # libtpu (0.0.42.*, jax's own pin): Cloud TPU VMs, and --compile_for on
+    # any host (alignax.aot); CPU runs keep JAX_PLATFORMS=cpu.
+    "tpu": ["jax[tpu]==0.10.2"],
+    # CUDA 12 wheels of jaxlib's plugin for local GPU runs.
+    "cuda12": ["jax[cuda12]==0.10.2"],
 }
 
 setuptools.setup(

@@ -10,6 +10,7 @@ that looks finished.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -25,12 +26,17 @@ class Checkpointer:
   """Save every ``save_every`` steps keeping ``keep``; restore the latest."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int,
-               async_save: bool = True):
+               async_save: bool = True, merge_data_states=None):
+    """``merge_data_states(states) -> state``: how the data-iterator states
+    of the processes that wrote a checkpoint become one, so that a run with
+    another process count resumes it (``alignax.data.shards.merge_states``
+    for ``config.data.num_shards``); None = each process reads its own."""
     if save_every <= 0:
       raise ValueError(f"config.checkpoint.save_every={save_every} must be > 0")
     if keep <= 0:
       raise ValueError(f"config.checkpoint.keep={keep} must be > 0")
     self.save_every = save_every
+    self._merge_data_states = merge_data_states
     self._closed = False
     self._mngr = ocp.CheckpointManager(
         directory,
@@ -87,10 +93,35 @@ class Checkpointer:
 
   def _restore(self, step, target, data_iter):
     items = {"state": ocp.args.StandardRestore(target)}
-    if data_iter is not None:
+    data_dir = os.path.join(self.directory, str(step), "data")
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-"
+                       f"{jax.process_count()}.json")
+    merged = data_iter is not None and not os.path.exists(own)
+    if data_iter is not None and not merged:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if merged:
+      self._restore_merged_data(data_dir, data_iter)
     return restored["state"]
+
+  def _restore_merged_data(self, data_dir, data_iter):
+    """Sets ``data_iter`` from every writer process's state, merged."""
+    files = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+    if not files:
+      raise FileNotFoundError(f"{data_dir}: no data-iterator state")
+    writers = int(files[0].rsplit("-of-", 1)[1].removesuffix(".json"))
+    if self._merge_data_states is None:
+      raise ValueError(
+          f"{data_dir} was written by {writers} process(es), this run has "
+          f"{jax.process_count()}: set config.data.num_shards (the same in "
+          "both runs) to resume with another process count")
+    states = []
+    for f in files:
+      with open(f) as fh:
+        states.append(json.load(fh))
+    data_iter.set_state(self._merge_data_states(states))
+    if hasattr(data_iter, "start_prefetch"):
+      data_iter.start_prefetch()
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host once the TPU preemption notice reached the job."""

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
   c.model.param_dtype = "float32"  # parameter dtype (keep fp32)
   c.model.remat = "none"  # none | full | dots_saveable | nothing_saveable
-  c.model.attention = "fused"  # fused (jax.nn.dot_product_attention) | einsum
+  c.model.attention = "auto"  # auto (splash on TPU, cuDNN on GPU where they fit, else blockwise) | blockwise | splash | cudnn | reference (=einsum) | fused
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation for fused and decode: None | xla | cudnn
   # Family fields (see models.ModelConfig); an imported Hugging Face model
   # (checkpoint.init_from=HF_DIR) sets them from its config.json.
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_low_freq_factor = 1.0  # llama3 low-frequency factor
   c.model.rope_high_freq_factor = 4.0  # llama3 high-frequency factor
   c.model.rope_original_max_len = 8192  # llama3 pretraining context length
+  c.model.scan_layers = True  # False unrolls the layer loop (longer compiles)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data-parallel ways
@@ -140,10 +141,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds
   c.data.paths = ()  # files of the train split (jsonl/parquet/array_record)
   c.data.eval_paths = ()  # files of the held-out split
+  c.data.eval_fraction = 0.0  # file sources without eval_paths: share of paths' records held out
   c.data.text_field = "text"  # record field holding the text
   c.data.tfds_name = ""  # TFDS dataset name (source=tfds)
   c.data.tfds_data_dir = ""  # TFDS data_dir (source=tfds)
   c.data.skip_malformed = False  # count and skip bad records instead of failing
+  c.data.num_shards = 0  # fixed record shards of the global batch (0 = one per process); > 0 makes batches and resumes independent of the process count
   c.data.heldout_fraction = 0.02  # embedded corpus: share of documents held out
   c.data.add_bos = False  # prepend BOS to every document
   c.data.ul2 = ml_collections.ConfigDict()  # UL2 mixture (data.task='ul2')
@@ -210,6 +213,8 @@ VALUE_CHECKS = {
     "preference.sft_weight": (_non_negative, "a finite number >= 0"),
     "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),
+    "data.eval_fraction": (_fraction, "in [0, 1)"),
+    "data.num_shards": (_non_negative_int, "an integer >= 0 (0 = per process)"),
     "tokenizer.vocab_size": (_positive_int, "an integer > 0"),
     "tokenizer.num_sentinels": (_non_negative_int, "an integer >= 0"),
 }
@@ -244,6 +249,14 @@ def check_values(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={value!r}: use one of {list(choices)}")
   objectives.spec(c.objective)  # one-line errors naming the known values
   tasks.task(c.data.task)
+  d = c.data
+  if (d.source in ("jsonl", "parquet", "array_record") and c.train.eval_every
+      and not d.eval_paths and not d.eval_fraction):
+    raise ValueError(
+        f"config.data.source={d.source!r} with config.train.eval_every="
+        f"{c.train.eval_every} needs held-out data: set config.data."
+        "eval_paths, or config.data.eval_fraction (e.g. 0.01) to hold out "
+        "part of data.paths, or config.train.eval_every=0")
   fields = dict(c.model)
   fields["vocab_size"] = fields["vocab_size"] or 128  # 0 = the tokenizer's
   try:
@@ -265,6 +278,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
         f"config.train.batch_size={t.batch_size} / microbatches="
         f"{t.microbatches} must divide over the {batch_ways} data x fsdp "
         f"ways of the mesh ({num_devices} devices)")
+  shards = c.data.num_shards
+  if shards and t.batch_size % shards:
+    raise ValueError(f"config.data.num_shards={shards} must divide "
+                     f"config.train.batch_size={t.batch_size}")
   if t.seq_len > c.model.max_seq_len:
     raise ValueError(f"config.train.seq_len={t.seq_len} exceeds "
                      f"config.model.max_seq_len={c.model.max_seq_len}")

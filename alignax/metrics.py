@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -160,6 +161,65 @@ class MetricsWriter:
     if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
+
+
+def _short(scalars: Mapping[str, float], prefix: str, keys) -> str:
+  parts = []
+  for key in keys:
+    value = scalars.get(f"{prefix}/{key}")
+    if value is not None:
+      parts.append(f"{key} {value:.4g}")
+  return ", ".join(parts)
+
+
+class Console:
+  """What a person reads (process 0): a tqdm bar on a terminal, else lines.
+
+  On a terminal with ``progress_bar`` the bar shows loss and tokens/s; in a
+  log file (stdout not a TTY) or without the bar, each log step prints one
+  plain line instead of piling up carriage returns. Evaluations, the
+  resume and the final summary always print a line.
+  """
+
+  TRAIN_KEYS = ("loss", "accuracy", "grad_norm", "lr")
+  EVAL_KEYS = ("loss", "perplexity", "accuracy", "rewards/accuracies",
+               "retrieval/recall@10")
+
+  def __init__(self, *, total: int, initial: int, enabled: bool,
+               progress_bar: bool, stream=None):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self._stream = stream or sys.stdout
+    self.enabled = enabled
+    self.use_bar = enabled and progress_bar and self._stream.isatty()
+    self._bar = tqdm(total=total, initial=initial, disable=not self.use_bar,
+                     dynamic_ncols=True, file=self._stream)
+    self._total = total
+
+  def print(self, line: str) -> None:
+    if not self.enabled:
+      return
+    if self.use_bar:
+      self._bar.write(line, file=self._stream)
+    else:
+      print(line, file=self._stream, flush=True)
+
+  def step(self) -> None:
+    self._bar.update(1)
+
+  def log(self, step: int, scalars: Mapping[str, float]) -> None:
+    """A log step: the bar's postfix, or one plain line."""
+    if self.use_bar:
+      self._bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                            tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+    else:
+      self.print(f"step {step}/{self._total}: "
+                 f"{_short(scalars, 'train', self.TRAIN_KEYS)}, "
+                 f"{scalars.get('train/tokens_per_s', 0.0):,.0f} tokens/s")
+    if any(k.startswith("eval/") for k in scalars):
+      self.print(f"step {step} eval: {_short(scalars, 'eval', self.EVAL_KEYS)}")
+
+  def close(self) -> None:
+    self._bar.close()
 
 
 def prefixed(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:

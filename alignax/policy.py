@@ -1,8 +1,13 @@
 """Pure policy functions: per-token and per-sequence log-probabilities.
 
-Everything here works on arrays, never on a model: the objective runs the
+Everything here works on arrays, never runs a model: the objective runs the
 model, and these turn its logits (or its last hidden states plus the LM-head
 kernel) into the log-probabilities that the preference losses consume.
+:func:`fused_token_logps` (and ``..._and_stats``: log-normaliser, entropy,
+accuracy) goes from hidden states to log-probs without ever holding
+``[B, T, V]`` logits, in the forward or the backward pass;
+:func:`model_token_logps` reads the LM head (kernel, tying, soft-cap, dtype)
+off an alignax model for it.
 
 Conventions: position ``t`` of ``logits``/``hidden`` scores ``targets[:, t]``;
 callers shift once (``logits[:, :-1]`` against ``tokens[:, 1:]``). ``weights``
@@ -11,7 +16,8 @@ contribute, whatever their target id (padding such as ``-100`` is allowed).
 """
 
 from collections.abc import Callable
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +120,8 @@ def token_logps_from_hidden(
 
   Logits exist only for one ``[B, chunk_size, V]`` chunk at a time, in the
   forward and (thanks to remat) in the backward pass, so full ``[B, T, V]``
-  logits are never materialised.
+  logits are never materialised. Plain autodiff (forward mode works too);
+  :func:`fused_token_logps` also chunks the vocabulary and returns stats.
 
   Args:
     hidden: ``[B, T, D]`` final hidden states (after the final norm).
@@ -150,6 +157,380 @@ def token_logps_from_hidden(
     return _picked_minus_logsumexp(project(h), y)
 
   return _map_over_sequence(chunk_fn, hidden, targets, chunk_size)
+
+
+# Fused LM head + log-softmax: neither pass holds a [B, T, V] array.
+
+
+class TokenStats(NamedTuple):
+  r"""Per-token softmax statistics of :func:`fused_token_logps_and_stats`.
+
+  Attributes:
+    lse: ``[..., T]`` float32 log-normaliser
+      :math:`\operatorname{lse}_t = \log\sum_v e^{z_{t,v}}`; differentiable, so
+      the z-loss :math:`\lambda_z \operatorname{lse}_t^2` trains through it.
+    entropy: ``[..., T]`` float32 :math:`H_t = -\sum_v p_{t,v}\log p_{t,v}`;
+      differentiable (an entropy bonus trains through it).
+    correct: ``[..., T]`` bool, the target is the argmax of the logits (the
+      first maximum, as ``jnp.argmax``).
+  """
+  lse: Array
+  entropy: Array
+  correct: Array
+
+
+class _Head(NamedTuple):
+  """Static settings of the fused head (hashable: a ``custom_vjp`` nondiff)."""
+  transposed: bool
+  softcap: float
+  chunk_size: int
+  vocab_chunk: int
+  with_stats: bool
+
+
+class _Online(NamedTuple):
+  """Online-softmax state over the vocabulary chunks seen so far, ``[B, C]``."""
+  m: Array  # running max logit
+  s: Array  # sum_v exp(z_v - m)
+  picked: Array  # the target's logit (0 until its chunk is seen)
+  a: Array  # sum_v exp(z_v - m) (z_v - m), for the entropy
+  idx: Array  # first argmax so far
+
+
+def _balanced(size: int, chunk: int) -> tuple[int, int]:
+  """``(length, count)`` of ``ceil(size / chunk)`` near-equal chunks."""
+  if chunk <= 0 or chunk >= size:
+    return size, 1
+  count = -(-size // chunk)
+  return -(-size // count), count
+
+
+def _chunk_logits(h, kernel, start, size, head):
+  """Soft-capped logits ``[B, C, Vc]`` of ids ``start:start+size``, tanh, W."""
+  w = jax.lax.dynamic_slice_in_dim(kernel, start, size,
+                                   axis=0 if head.transposed else 1)
+  spec = "bcd,vd->bcv" if head.transposed else "bcd,dv->bcv"
+  u = jnp.einsum(spec, h, w,
+                 preferred_element_type=_compute_dtype(h.dtype))  # [B, C, Vc]
+  if not head.softcap:
+    return u, None, w
+  t = jnp.tanh(u / head.softcap)
+  return head.softcap * t, t, w
+
+
+def _vocab_chunk(j, vocab, vc):
+  """Start and fresh-column mask of vocabulary chunk ``j`` (``j * vc < V``).
+
+  The last chunk is shifted left to end at ``V`` (no padded kernel copy); its
+  columns before ``j * vc`` were already counted and are masked out.
+  """
+  start = jnp.minimum(j * vc, vocab - vc)
+  cols = start + jnp.arange(vc)  # [Vc]
+  return start, cols, cols >= j * vc
+
+
+def _chunk_state(z, cols, fresh, y, with_stats) -> _Online:
+  zf = jnp.where(fresh, z, -jnp.inf)  # [B, C, Vc]
+  m = jnp.max(zf, axis=-1)  # [B, C], finite: every chunk has a fresh column
+  shifted = zf - m[..., None]
+  e = jnp.exp(shifted)  # 0 on stale columns
+  picked = jnp.sum(jnp.where((cols == y[..., None]) & fresh, z, 0.0), axis=-1)
+  if not with_stats:
+    return _Online(m, jnp.sum(e, -1), picked, jnp.zeros_like(m),
+                   jnp.zeros(m.shape, jnp.int32))
+  a = jnp.sum(e * jnp.where(fresh, shifted, 0.0), axis=-1)
+  return _Online(m, jnp.sum(e, -1), picked, a, cols[jnp.argmax(zf, axis=-1)])
+
+
+def _merge(x: _Online, y: _Online, with_stats: bool) -> _Online:
+  """State of chunks ``x`` then ``y``; the earlier argmax wins ties."""
+  m = jnp.maximum(x.m, y.m)
+  cx, cy = jnp.exp(x.m - m), jnp.exp(y.m - m)
+  a = x.a
+  if with_stats:  # sum e^{z-m}(z-m) rescales as e^{m_x-m}(a_x + (m_x-m) s_x)
+    a = cx * (x.a + (x.m - m) * x.s) + cy * (y.a + (y.m - m) * y.s)
+  return _Online(m, cx * x.s + cy * y.s, x.picked + y.picked, a,
+                 jnp.where(y.m > x.m, y.idx, x.idx))
+
+
+def _forward_chunk(h, y, kernel, head):
+  """``(logp, lse, entropy, correct)``, each ``[B, C]``, of one chunk."""
+  vocab = kernel.shape[0 if head.transposed else 1]
+  vc, count = _balanced(vocab, head.vocab_chunk)
+
+  def state(j):
+    start, cols, fresh = _vocab_chunk(j, vocab, vc)
+    z, _, _ = _chunk_logits(h, kernel, start, vc, head)
+    return _chunk_state(z, cols, fresh, y, head.with_stats)
+
+  st = state(0)
+  if count > 1:
+    st = jax.lax.fori_loop(
+        1, count, lambda j, st: _merge(st, state(j), head.with_stats), st)
+  log_s = jnp.log(st.s)
+  lse = st.m + log_s
+  return st.picked - lse, lse, log_s - st.a / st.s, st.idx == y
+
+
+def _backward_chunk(h, y, cts, lse, ent, kernel, dw, head):
+  """``dh`` ``[B, C, D]`` of one chunk and ``dw`` with its share added.
+
+  With :math:`p = \\mathrm{softmax}(z)` and cotangents ``g`` of
+  ``(logp, lse, entropy)``:
+  :math:`\\partial/\\partial z_v = g_{lp}(\\delta_{vy} - p_v) + g_{lse} p_v
+  - g_H p_v(\\log p_v + H)`, times :math:`1 - \\tanh^2(u_v / c)` under the cap.
+  """
+  g_logp, g_lse, g_ent = cts
+  vocab = kernel.shape[0 if head.transposed else 1]
+  vc, count = _balanced(vocab, head.vocab_chunk)
+  acc = dw.dtype
+
+  def add(j, carry):
+    dh, dw = carry
+    start, cols, fresh = _vocab_chunk(j, vocab, vc)
+    z, t, w = _chunk_logits(h, kernel, start, vc, head)  # again [B, C, Vc]
+    logp_v = z - lse[..., None]
+    p = jnp.where(fresh, jnp.exp(logp_v), 0.0)
+    coef = (g_lse - g_logp)[..., None]
+    if head.with_stats:
+      coef = coef - g_ent[..., None] * (logp_v + ent[..., None])
+    gz = p * coef + jnp.where((cols == y[..., None]) & fresh,
+                              g_logp[..., None], 0.0)  # [B, C, Vc]
+    if head.softcap:
+      gz = gz * (1.0 - t * t)
+    gz = gz.astype(h.dtype)
+    if head.transposed:
+      dh = dh + jnp.einsum("bcv,vd->bcd", gz, w, preferred_element_type=acc)
+      dwc = jnp.einsum("bcv,bcd->vd", gz, h, preferred_element_type=acc)
+    else:
+      dh = dh + jnp.einsum("bcv,dv->bcd", gz, w, preferred_element_type=acc)
+      dwc = jnp.einsum("bcd,bcv->dv", h, gz, preferred_element_type=acc)
+    if count == 1:
+      return dh, dw + dwc
+    axis = 0 if head.transposed else 1
+    old = jax.lax.dynamic_slice_in_dim(dw, start, vc, axis=axis)
+    return dh, jax.lax.dynamic_update_slice_in_dim(dw, old + dwc, start, axis)
+
+  carry = (jnp.zeros(h.shape, acc), dw)
+  if count == 1:
+    return add(0, carry)
+  return jax.lax.fori_loop(0, count, add, carry)
+
+
+def _seq_chunks(head, *arrays):
+  """``[B, T, ...]`` arrays padded to ``T' = k * c``, as ``[k, B, c, ...]``.
+
+  Chunks run along the sequence so every chunk keeps all ``B`` rows: a
+  batch-sharded input stays sharded the same way inside the loop.
+  """
+  length = arrays[0].shape[1]
+  c, k = _balanced(length, head.chunk_size)
+  pad = c * k - length
+  out = []
+  for x in arrays:
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
+    x = jnp.pad(x, widths, constant_values=fill)  # padded targets match no id
+    out.append(jnp.moveaxis(x.reshape(x.shape[0], k, c, *x.shape[2:]), 1, 0))
+  return k, c, out
+
+
+def _unchunk(x, length):
+  """``[k, B, c, ...] -> [B, T, ...]`` (drops the padding)."""
+  x = jnp.moveaxis(x, 0, 1)  # [B, k, c, ...]
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _fused_forward(hidden, kernel, targets, head):
+  k, _, (h, y) = _seq_chunks(head, hidden, targets)  # [k, B, c, D], [k, B, c]
+  if k == 1:
+    return _forward_chunk(h[0], y[0], kernel, head)
+  outs = jax.lax.map(lambda hy: _forward_chunk(*hy, kernel, head), (h, y))
+  return tuple(_unchunk(o, targets.shape[1]) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(hidden, kernel, targets, head):
+  return _fused_forward(hidden, kernel, targets, head)
+
+
+def _fused_fwd(hidden, kernel, targets, head):
+  out = _fused_forward(hidden, kernel, targets, head)
+  return out, (hidden, kernel, targets, out[1], out[2])
+
+
+def _fused_bwd(head, res, cts):
+  hidden, kernel, targets, lse, ent = res
+  g = [x.astype(lse.dtype) for x in cts[:3]]  # the bool `correct` has none
+  k, _, xs = _seq_chunks(head, hidden, targets, *g, lse, ent)
+  dw = jnp.zeros(kernel.shape, _compute_dtype(kernel.dtype))
+
+  def body(dw, xs):
+    h, y, gl, gs, ge, ls, en = xs
+    dh, dw = _backward_chunk(h, y, (gl, gs, ge), ls, en, kernel, dw, head)
+    return dw, dh
+
+  if k == 1:
+    dw, dh = body(dw, [x[0] for x in xs])  # dh [B, T, D]
+  else:
+    dw, dh = jax.lax.scan(body, dw, xs)  # dh [k, B, c, D]
+    dh = _unchunk(dh, hidden.shape[1])
+  return dh.astype(hidden.dtype), dw.astype(kernel.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _fused_call(hidden, kernel, targets, head):
+  hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
+  targets = jnp.asarray(targets)
+  d = hidden.shape[-1] if hidden.ndim else None
+  if (hidden.ndim < 2 or targets.shape != hidden.shape[:-1] or kernel.ndim != 2
+      or kernel.shape[1 if head.transposed else 0] != d):
+    want = "[V, D]" if head.transposed else "[D, V]"
+    raise ValueError(
+        f"fused token log-probs expect hidden [..., T, D], targets [..., T] "
+        f"and kernel {want} with D={d}; got hidden {hidden.shape}, targets "
+        f"{targets.shape}, kernel {kernel.shape}.")
+  dtype = jnp.result_type(hidden, kernel)
+  length = targets.shape[-1]
+  logp, lse, ent, correct = _fused(
+      hidden.reshape(-1, length, d).astype(dtype), kernel.astype(dtype),
+      targets.reshape(-1, length).astype(jnp.int32), head)  # each [B, T]
+  shape = targets.shape
+  return logp.reshape(shape), TokenStats(lse.reshape(shape),
+                                         ent.reshape(shape),
+                                         correct.reshape(shape))
+
+
+def fused_token_logps(
+    hidden: Array,
+    kernel: Array,
+    targets: Array,
+    *,
+    transposed: bool = False,
+    softcap: float = 0.0,
+    chunk_size: int = 0,
+    vocab_chunk: int = 4096,
+) -> Array:
+  r"""Per-token log-probabilities straight from hidden states and LM head.
+
+  .. math::
+    z_{t} = c \tanh(h_t W / c), \qquad
+    \log p_t = z_{t, y_t} - \log\sum_v e^{z_{t,v}}
+
+  (no :math:`\tanh` when ``softcap`` :math:`c = 0`). The sequence goes
+  ``chunk_size`` positions at a time (all ``B`` rows per chunk, so batch
+  sharding is kept); within a chunk the vocabulary goes ``vocab_chunk``
+  columns at a time with an online log-sum-exp. A ``custom_vjp`` recomputes
+  each chunk's logits in the backward pass, so neither pass holds more than
+  a few ``[B, chunk_size, vocab_chunk]`` blocks (never ``[B, T, V]``); the
+  gradients are accumulated in float32. Softmax and loss are float32
+  whatever the input dtype; the matmuls run in the inputs' dtype with
+  float32 accumulation (as ``Transformer.logits_from_hidden``). Reverse mode
+  only (no ``jvp``).
+
+  Targets outside ``[0, V)`` (padding such as ``-100``) give
+  ``-logsumexp``, finite; give them weight 0.
+
+  Choosing the chunks: a block is ``[B, T / k_T, V / k_V] * 4`` bytes and a
+  pass holds 2-3 of them. Under GSPMD with the batch sharded, the kernel
+  gradient accumulated over a loop is all-reduced (or reduce-scattered)
+  inside the loop, and an FSDP-sharded kernel is all-gathered there: the
+  vocabulary loop moves each kernel column once in total, the sequence loop
+  moves the whole kernel once per sequence chunk. Hence the defaults: the
+  whole sequence, ``vocab_chunk`` columns at a time. A kernel sharded over
+  the vocabulary (tensor parallel) wants ``vocab_chunk=0`` (slicing a sharded
+  axis gathers it) and bounds memory with ``chunk_size``.
+
+  Args:
+    hidden: ``[..., T, D]`` final (normed) hidden states; position ``t``
+      scores ``targets[..., t]`` (leading axes are flattened into ``B``).
+    kernel: ``[D, V]`` LM-head kernel, or ``[V, D]`` tied embedding with
+      ``transposed=True``.
+    targets: ``[..., T]`` integer token ids.
+    transposed: ``kernel`` is ``[V, D]`` (tied input embedding).
+    softcap: final-logit soft-cap :math:`c` (Gemma 2); 0 = none.
+    chunk_size: sequence positions per chunk (``T`` is split into
+      ``k_T = ceil(T / chunk_size)`` near-equal chunks); 0 = all at once.
+    vocab_chunk: vocabulary columns per chunk (``k_V`` near-equal chunks);
+      0 = the whole vocabulary.
+
+  Returns:
+    ``[..., T]`` log-probabilities, float32 (float64 for float64 inputs).
+  """
+  head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, False)
+  return _fused_call(hidden, kernel, targets, head)[0]
+
+
+def fused_token_logps_and_stats(
+    hidden: Array,
+    kernel: Array,
+    targets: Array,
+    *,
+    transposed: bool = False,
+    softcap: float = 0.0,
+    chunk_size: int = 0,
+    vocab_chunk: int = 4096,
+) -> tuple[Array, TokenStats]:
+  r""":func:`fused_token_logps` plus log-normaliser, entropy and accuracy.
+
+  Same arguments. The cross-entropy with z-loss is
+  ``-logp + z_loss * stats.lse**2``; gradients flow through ``logp``,
+  ``stats.lse`` and ``stats.entropy`` (``correct`` is a bool):
+
+  .. math::
+    H_t = \operatorname{lse}_t - \sum_v p_{t,v} z_{t,v}
+
+  Returns:
+    ``(logp, TokenStats(lse, entropy, correct))``, each ``[..., T]``.
+  """
+  head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, True)
+  return _fused_call(hidden, kernel, targets, head)
+
+
+def _model_head(model):
+  """``(kernel, transposed, softcap, compute dtype)`` of an alignax LM.
+
+  Mirrors ``Transformer.logits_from_hidden`` (also inherited by
+  ``EmbeddingModel`` and ``RewardModel``): the tied ``[V, D]`` embedding or
+  the ``[D, V]`` ``lm_head``, both cast to the compute dtype.
+  """
+  cfg = model.cfg
+  if cfg.tie_embeddings:
+    kernel, dtype = model.embed.embedding[...], model.embed.dtype  # [V, D]
+  else:
+    kernel, dtype = model.lm_head[...], cfg.dtype  # [D, V]
+  dtype = jnp.dtype(dtype)
+  return (kernel.astype(dtype), cfg.tie_embeddings, cfg.final_logit_softcap,
+          dtype)
+
+
+def model_token_logps(model, hidden: Array, targets: Array, *,
+                      chunk_size: int = 0, vocab_chunk: int = 4096) -> Array:
+  """:func:`fused_token_logps` with ``model``'s LM head.
+
+  Equals ``token_logps(model.logits_from_hidden(hidden), targets)`` without
+  building the logits. ``hidden`` is ``model(..., return_hidden=True)``
+  (already final-normed). Works for ``Transformer``, ``EmbeddingModel`` and
+  ``RewardModel``.
+  """
+  kernel, transposed, softcap, dtype = _model_head(model)
+  return fused_token_logps(
+      jnp.asarray(hidden).astype(dtype), kernel, targets,
+      transposed=transposed, softcap=softcap, chunk_size=chunk_size,
+      vocab_chunk=vocab_chunk)
+
+
+def model_token_logps_and_stats(
+    model, hidden: Array, targets: Array, *, chunk_size: int = 0,
+    vocab_chunk: int = 4096) -> tuple[Array, TokenStats]:
+  """:func:`fused_token_logps_and_stats` with ``model``'s LM head."""
+  kernel, transposed, softcap, dtype = _model_head(model)
+  return fused_token_logps_and_stats(
+      jnp.asarray(hidden).astype(dtype), kernel, targets,
+      transposed=transposed, softcap=softcap, chunk_size=chunk_size,
+      vocab_chunk=vocab_chunk)
 
 
 def _check_weights(token_logps_: Array, weights: Array) -> Array:

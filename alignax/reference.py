@@ -152,8 +152,12 @@ def compute_split(records, split, directory, data_cfg, tokenizer, logps_fn, *,
 
 
 def _logps_fn(graphdef, params, mesh, chunk_size):
-  fn = jax.jit(lambda p, b: common.slot_logps(
-      nnx.merge(graphdef, p), b, chunk_size=chunk_size)[0])
+  def logps(p, b):
+    with shd.activation_sharding(mesh):  # rows stay local, weights gathered
+      return common.slot_logps(nnx.merge(graphdef, p), b,
+                               chunk_size=chunk_size)[0]
+
+  fn = jax.jit(logps)
   return lambda batch: fn(params, jax.device_put(batch,
                                                  shd.batch_sharding(mesh)))
 

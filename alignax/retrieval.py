@@ -156,8 +156,9 @@ class RetrievalEvaluator:
     self._k = min(k, len(corpus))
 
     def encode(params, tokens, segment_ids):
-      return nnx.merge(graphdef, params).encode(tokens, segment_ids,
-                                                bidirectional=bidirectional)
+      with shd.activation_sharding(mesh):  # rows stay local, weights gathered
+        return nnx.merge(graphdef, params).encode(tokens, segment_ids,
+                                                  bidirectional=bidirectional)
     self._encode = jax.jit(encode)
 
   def embed(self, params, tokens, segment_ids):

@@ -9,10 +9,24 @@ The mesh has three axes (MaxText's naming, reduced to what alignax uses):
 
 Model kernels carry *logical* axis names (``embed``, ``mlp``, ``heads``, ...);
 ``rules`` map each logical name to a mesh axis (or ``None`` = replicated).
+
+Activations carry logical names too (``activation_batch``, ...): the model
+calls :func:`constrain` at block boundaries, which pins the batch to
+``data`` x ``fsdp`` so that each chip holds only its own rows, and
+:func:`gather_params` inside the layer loop, which all-gathers that layer's
+``fsdp``-sharded weights just before use; their gradients are reduced back
+onto the shards (ZeRO-3, as MaxText and levanter). Only ``tensor`` splits
+activation features. Per-chip memory then depends on the rows per chip, not
+on the pod size. The step functions set the mesh and rules with
+:func:`activation_sharding`; without it (unit tests, notebooks) both return
+their input unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -39,6 +53,14 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("norm", None),
+    # Activations: rows over (data, fsdp), features split by tensor only.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 Rules = Sequence[tuple[str, Any]]
@@ -148,6 +170,164 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict
   return jax.tree.map(
       lambda s, n: NamedSharding(mesh, logical_to_spec(n, s.shape, rules, mesh)),
       shapes, names, is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
+# (mesh, rules) that ``constrain`` uses while a step is traced; None = off.
+_ACTIVATION_MESH = contextvars.ContextVar("alignax_activation_mesh",
+                                          default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+  """Within the block, :func:`constrain` places activations on ``mesh``.
+
+  Enter it inside the function that ``jax.jit`` traces (the step builders
+  do); ``mesh=None`` turns constraints off. Activation names missing from
+  ``rules`` (rules written before they existed) take ``DEFAULT_RULES``'.
+  """
+  if mesh is None:
+    token = _ACTIVATION_MESH.set(())  # off, even under jax.set_mesh
+  else:
+    merged = dict(DEFAULT_RULES)
+    merged.update((name, axes) for name, axes in rules)
+    token = _ACTIVATION_MESH.set((mesh, tuple(merged.items())))
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def with_activation_sharding(fn):
+  """Decorates ``fn(..., mesh=None, rules=DEFAULT_RULES)`` to run inside
+  :func:`activation_sharding` of its own ``mesh`` and ``rules``."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, mesh=None, rules=DEFAULT_RULES, **kwargs):
+    with activation_sharding(mesh, rules):
+      return fn(*args, mesh=mesh, rules=rules, **kwargs)
+
+  return wrapped
+
+
+def _mesh_and_rules():
+  """``(mesh, rules)`` of :func:`activation_sharding`, else of ``jax.set_mesh``
+  (an abstract mesh, ``DEFAULT_RULES``); None without either or on one device.
+  """
+  context = _ACTIVATION_MESH.get()
+  if context == ():
+    return None
+  if context is None:
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract.empty or not set(MESH_AXES) <= set(abstract.axis_names):
+      return None
+    context = (abstract, DEFAULT_RULES)
+  return None if context[0].size == 1 else context
+
+
+def _place(x, logical, mesh, rules):
+  spec = logical_to_spec(logical, x.shape, rules, mesh)
+  if isinstance(mesh, Mesh):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, spec)  # under jax.set_mesh
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` of ``x`` by its logical axis names.
+
+  Uses the mesh of the enclosing :func:`activation_sharding`, else the one
+  set by ``jax.set_mesh`` (with ``DEFAULT_RULES``); with neither, or on a
+  one-device mesh, returns ``x`` unchanged.
+  """
+  context = _mesh_and_rules()
+  return x if context is None else _place(x, logical, *context)
+
+
+def _without_batch_axes(rules: Rules) -> Rules:
+  def keep(axes):
+    flat = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    flat = tuple(a for a in flat if a not in BATCH_AXES)
+    return flat[0] if len(flat) == 1 else (flat or None)
+  return tuple((name, keep(axes)) for name, axes in rules)
+
+
+def gather(w: jax.Array, logical: Sequence[str | None] | None) -> jax.Array:
+  """A weight made whole over ``data`` and ``fsdp`` (still split by ``tensor``).
+
+  This is ZeRO-3's all-gather, written where the weight is used: XLA then
+  cannot choose to move activations instead (it does, left to itself, once
+  the weights are small next to the rows), and the gradient is reduced back
+  onto the weight's ``fsdp`` shards. Same no-op cases as :func:`constrain`.
+  """
+  context = _mesh_and_rules()
+  if context is None:
+    return w
+  mesh, rules = context
+  return _place(w, logical, mesh, _without_batch_axes(rules))
+
+
+def gather_params(module: nnx.Module, dtype=None) -> nnx.Module:
+  """A copy of ``module`` whose parameters went through :func:`gather`.
+
+  Call it inside the layer loop, so that one layer's weights are whole at a
+  time. Matrices are first cast to ``dtype`` (the compute dtype the layers
+  cast them to anyway), halving the bytes gathered; vectors (norm scales)
+  keep their dtype. Without a mesh the module itself is returned.
+  """
+  if _mesh_and_rules() is None:
+    return module
+
+  def whole(var):
+    w = var[...]
+    if dtype is not None and w.ndim >= 2 and jnp.issubdtype(w.dtype,
+                                                            jnp.floating):
+      w = w.astype(dtype)
+    return var.replace(gather(w, var.get_metadata().get("out_sharding")))
+
+  graphdef, state = nnx.split(module)
+  state = jax.tree.map(whole, state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+# Logical names by rank of the arrays that per_row_shards splits.
+_ROW_NAMES = {2: ("activation_batch", "activation_length"),
+              4: ("activation_batch", "activation_length", "activation_heads",
+                  None)}
+
+
+def per_row_shards(fn):
+  """``fn`` run by every chip on its own rows and heads (``shard_map``).
+
+  For row-independent computations whose loops GSPMD cannot see through
+  (blockwise / kernel attention: it would gather every row to every chip):
+  axis 0 of every array is split over ``data`` x ``fsdp``; axis 2 of 4-D
+  arrays (``[B, T, heads, Dh]``) over ``tensor`` when it divides in all of
+  them (else whole: GQA groups must stay together); scalars and other axes
+  are whole. Takes and returns arrays (pytrees, ``None`` leaves allowed);
+  without a mesh, ``fn`` itself.
+  """
+  context = _mesh_and_rules()
+  if context is None:
+    return fn
+  mesh, rules = context
+
+  def wrapped(*args):
+    args = jax.tree.map(jnp.asarray, args)
+    rank4 = [x for x in jax.tree.leaves(args) if x.ndim == 4]
+    split_heads = all(
+        logical_to_spec(_ROW_NAMES[4], x.shape, rules, mesh)[2] is not None
+        for x in rank4)
+    table = rules if split_heads else tuple(
+        (n, None if n == "activation_heads" else a) for n, a in rules)
+    spec = lambda x: logical_to_spec(_ROW_NAMES.get(x.ndim, ()), x.shape,
+                                     table, mesh)
+    in_specs = jax.tree.map(spec, args)
+    out_shape = jax.eval_shape(fn, *args)
+    out_specs = jax.tree.map(spec, out_shape)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)(*args)
+
+  return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

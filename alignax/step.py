@@ -113,12 +113,14 @@ def _next_loss_scale(state: TrainState, finite, cfg: LossScaleConfig):
 
 def make_train_step(objective, graphdef, optimizer, schedule=None, *,
                     microbatches: int = 1, mesh=None,
-                    loss_scale: LossScaleConfig = LossScaleConfig()):
+                    loss_scale: LossScaleConfig = LossScaleConfig(),
+                    rules=shd.DEFAULT_RULES):
   """Returns ``train_step(state, batch, frozen) -> (state, metrics)`` (unjitted).
 
   ``metrics`` maps names to ``(sum, count)``; the objective's metrics plus
   ``grad_norm``, ``param_norm``, ``update_norm``, ``lr``, ``loss_scale`` and
-  ``nonfinite`` (1 when the update was dropped).
+  ``nonfinite`` (1 when the update was dropped). With a ``mesh`` the model's
+  activations are constrained by ``rules`` (``sharding.activation_sharding``).
   """
   grads_of = make_grad_fn(objective, graphdef, microbatches=microbatches, mesh=mesh)
   update_extras = getattr(objective, "update_extras", lambda e, _: e)
@@ -155,11 +157,26 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
       metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
     return new_state, metrics
 
-  return train_step
+  return _under_mesh(train_step, mesh, rules)
 
 
-def make_eval_step(objective, graphdef):
-  """Returns ``eval_step(params, batch, frozen, extras) -> metrics`` (unjitted)."""
+def _under_mesh(fn, mesh, rules):
+  """``fn`` traced inside ``sharding.activation_sharding(mesh, rules)``."""
+  if mesh is None:
+    return fn
+
+  def wrapped(*args, **kwargs):
+    with shd.activation_sharding(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def make_eval_step(objective, graphdef, *, mesh=None, rules=shd.DEFAULT_RULES):
+  """Returns ``eval_step(params, batch, frozen, extras) -> metrics`` (unjitted).
+
+  ``mesh`` and ``rules`` constrain activations as in :func:`make_train_step`.
+  """
 
   def eval_step(params, batch, frozen=None, extras=None):
     model = nnx.merge(graphdef, params)
@@ -167,16 +184,20 @@ def make_eval_step(objective, graphdef):
                                 **_extras_kwarg(extras))
     return metrics
 
-  return eval_step
+  return _under_mesh(eval_step, mesh, rules)
 
 
-def jit_train_step(train_step, state_shardings, mesh, frozen_shardings=None):
+def jit_train_step(train_step, state_shardings, mesh, frozen_shardings=None,
+                   *, rules=shd.DEFAULT_RULES):
   """jit with the state donated and kept in place; ``frozen`` is not donated.
+
+  Activations are constrained on ``mesh`` by ``rules`` unless ``train_step``
+  set its own (``make_train_step(mesh=...)``).
 
   Returns ``step(state, batch, frozen=None) -> (state, metrics)``.
   """
   jitted = jax.jit(
-      train_step,
+      _under_mesh(train_step, mesh, rules),
       in_shardings=(state_shardings, shd.batch_sharding(mesh), frozen_shardings),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,))

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from alignax import checkpoint as ckpt_lib
 from alignax import defaults
@@ -29,6 +28,8 @@ from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax import step as step_lib
 from alignax.data import pipeline
+from alignax.data import records
+from alignax.data import shards
 from alignax.data import tasks
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf
@@ -73,18 +74,23 @@ class Trainer:
     train_step = step_lib.make_train_step(
         self.objective, self.graphdef, self.optimizer, self.schedule,
         microbatches=config.train.microbatches, mesh=self.mesh,
-        loss_scale=build_loss_scale(config))
+        loss_scale=build_loss_scale(config), rules=config.sharding_rules)
     self.frozen = None  # set by restore_or_init when config.reference='frozen'
     frozen_shardings = self.shardings.params if config.reference == "frozen" else None
     self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh,
                                               frozen_shardings)
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.objective, self.graphdef))
+    self.eval_step = jax.jit(step_lib.make_eval_step(
+        self.objective, self.graphdef, mesh=self.mesh,
+        rules=config.sharding_rules))
     self.local_batch = config.train.batch_size // jax.process_count()
     self.data_iter = self._make_train_iter()
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save)
+        async_save=config.checkpoint.async_save,
+        # Shard-keyed data states resume under another process count.
+        merge_data_states=(shards.merge_states if config.data.num_shards
+                           else None))
     self._eval_batches = None
     self._evaluator = None  # EVALUATORS[config.data.task], built on first use
 
@@ -94,6 +100,8 @@ class Trainer:
         c.data, self.tokenizer, split="train", seed=c.seed,
         seq_len=c.train.seq_len, batch_size=self.local_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
+    # Malformed records skipped under data.skip_malformed, by reason.
+    self.data_skipped = records.skip_metrics(ds)
     return pipeline.make_iterator(ds)
 
   def eval_batches(self):
@@ -180,6 +188,9 @@ def describe(trainer: Trainer) -> str:
   ])
 
 
+CONFIG_FILE = "config.json"
+
+
 class NonFiniteStepError(FloatingPointError):
   """A step whose update was dropped as non-finite, with ``on_nonfinite='stop'``."""
 
@@ -232,6 +243,9 @@ def _train(trainer: Trainer, workdir: str) -> dict[str, float]:
   is_main = jax.process_index() == 0
   ckpt_lib.write_model_config(workdir, trainer.model_cfg)  # for export tools
   if is_main:
+    # The resolved config, reusable: --config=configs/from_json.py:W/config.json
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(trainer.config.to_json_best_effort(indent=2, sort_keys=True))
     print(describe(trainer), flush=True)
     if start:
       print(f"resumed from step {start} "
@@ -250,22 +264,38 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
   c = trainer.config.train
   is_main = jax.process_index() == 0
   flops_per_token = trainer.model_cfg.flops_per_token(c.seq_len)
+  if trainer.frozen is not None:
+    # The frozen reference runs one more forward pass per token: forward is
+    # a third of the forward + backward FLOPs that flops_per_token counts.
+    flops_per_token = flops_per_token * 4 / 3
   peak = metrics_lib.device_peak_flops()
-  bar = tqdm(total=c.steps, initial=start,
-             disable=not (is_main and c.progress_bar), dynamic_ncols=True)
+  console = metrics_lib.Console(total=c.steps, initial=start, enabled=is_main,
+                                progress_bar=c.progress_bar)
   acc, pending, last = metrics_lib.MetricsAccumulator(), [], {}
-  tokens, t0 = 0.0, time.perf_counter()
+  tokens, t0, wall0 = 0.0, time.perf_counter(), time.perf_counter()
+  total_tokens, evals = 0.0, []
   if start == 0 and c.eval_every:
     # The untrained model's held-out metrics: the baseline learning is judged by.
-    writer.write(0, metrics_lib.prefixed("eval", trainer.evaluate()))
+    scalars = metrics_lib.prefixed("eval", trainer.evaluate())
+    writer.write(0, scalars)
+    console.log(0, scalars)
+    evals.append((0, scalars))
   with ckpt_lib.PreemptionGuard() as guard:
     for step in range(start + 1, c.steps + 1):
       batch = next(trainer.data_iter)
-      tokens += float(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+      row_tokens = float(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
+      tokens += row_tokens
+      total_tokens += row_tokens
       pending.append((step, trainer.step(batch)))
       preempted = guard.requested.is_set() or trainer.checkpointer.reached_preemption(step)
       boundary = step % c.log_every == 0 or step == c.steps
       saving = trainer.checkpointer.should_save(step) or step == c.steps or preempted
+      if step == start + 1 and not boundary:
+        # tokens/s leaves the first step out: it includes the compilation.
+        jax.block_until_ready(trainer.state.step)
+        console.print(f"first step (compilation included): "
+                      f"{time.perf_counter() - t0:.1f} s")
+        tokens, t0 = 0.0, time.perf_counter()
       if boundary or saving:
         pending = jax.device_get(pending)
         # Overflow steps are routine under dynamic loss scaling: skip them.
@@ -279,17 +309,35 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
         scalars.update(metrics_lib.prefixed("train", metrics_lib.throughput(
             tokens, elapsed, flops_per_token, jax.device_count(), peak)))
         if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
-          scalars.update(metrics_lib.prefixed("eval", trainer.evaluate()))
+          evaluated = metrics_lib.prefixed("eval", trainer.evaluate())
+          scalars.update(evaluated)
+          evals.append((step, evaluated))
+        scalars.update(trainer.data_skipped)
         writer.write(step, scalars)
-        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                        tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+        console.log(step, scalars)
         last = dict(scalars, step=step)
         acc, tokens, t0 = metrics_lib.MetricsAccumulator(), 0.0, time.perf_counter()
       if saving:
         trainer.checkpointer.save(step, trainer.state, trainer.data_iter, force=True)
-      bar.update(1)
+      console.step()
       if preempted:
         logging.warning("stopping at step %d after a preemption request", step)
         break
-  bar.close()
+  console.close()
+  console.print(_summary(trainer, last, evals, total_tokens,
+                         time.perf_counter() - wall0))
   return last
+
+
+def _summary(trainer, last, evals, tokens, seconds) -> str:
+  """The run's last line: steps, tokens, wall time, evals, checkpoint."""
+  lines = [f"done: step {last.get('step', '?')} of "
+           f"{trainer.config.train.steps}, {tokens:,.0f} tokens in "
+           f"{seconds:.1f} s this run; checkpoints in "
+           f"{trainer.checkpointer.directory}"]
+  losses = [(s, m["eval/loss"]) for s, m in evals if "eval/loss" in m]
+  if losses:
+    best = min(losses, key=lambda x: x[1])
+    lines.append(f"eval/loss: last {losses[-1][1]:.4f} (step {losses[-1][0]})"
+                 f", best {best[1]:.4f} (step {best[0]})")
+  return "\n".join(lines)

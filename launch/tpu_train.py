@@ -31,6 +31,11 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Compile for this TPU slice (e.g. v5p-128) on any "
+    "host, write workdir/aot.json, train nothing (alignax.aot; needs [tpu]).")
+_COMPILE_SLICES = flags.DEFINE_integer(
+    "compile_slices", 1, "With --compile_for: slices joined over DCN (data).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,6 +52,10 @@ def main(argv):
 
 
 def _run():
+  if _COMPILE_FOR.value:  # compile for a TPU slice, train nothing
+    from alignax import aot
+    sys.exit(aot.main(_CONFIG.value, _WORKDIR.value, _COMPILE_FOR.value,
+                      slices=_COMPILE_SLICES.value))
   import jax  # after absl parsed XLA-related environment flags
   if _MULTIHOST.value or _on_tpu_pod():
     if _MULTIHOST.value:

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 LAYERS = (
     # bottom: arrays and infrastructure, no run config
     ("losses", "models", "policy", "sharding", "checkpoint", "metrics",
-     "generate", "interop", "interop.hf_config", "cli"),
+     "interop", "interop.hf_config", "cli"),
     ("data",),
     ("state",),
     ("step", "interop.hf"),
@@ -21,7 +21,7 @@ LAYERS = (
     ("reference", "defaults"),
     ("train",),
     # commands: may import anything
-    ("onpolicy", "mine", "aot"),
+    ("onpolicy", "mine", "aot", "generate"),
 )
 
 

@@ -361,3 +361,55 @@ def test_every_default_field_is_documented():
   assert {name for name, _, _ in docs} == set(
       flat(defaults.base_config().to_dict()))
   assert all(comment for _, _, comment in docs)
+
+
+def test_resume_merges_the_data_states_of_another_process_count(tok_dir,
+                                                                 tmp_path):
+  # With data.num_shards the data state is keyed by shard: a checkpoint
+  # whose step-2 state was written by two processes (one shard each)
+  # resumes in one process and continues exactly as the straight run.
+  def config(steps):
+    c = tiny_config(tok_dir, steps=steps, log_every=1, eval_every=0)
+    c.data.num_shards = 2
+    return c
+  straight, _ = train.run(config(4), str(tmp_path / "a"))
+  train.run(config(2), str(tmp_path / "b"))
+  data = tmp_path / "b" / "checkpoints" / "2" / "data"
+  state = json.loads((data / "process_0-of-1.json").read_text())
+  assert sorted(state["shards"]) == ["0", "1"]
+  for i, shard in enumerate(("0", "1")):
+    part = dict(state, shards={shard: state["shards"][shard]})
+    (data / f"process_{i}-of-2.json").write_text(json.dumps(part))
+  (data / "process_0-of-1.json").unlink()
+  resumed, _ = train.run(config(4), str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, final_params(straight),
+               final_params(resumed))
+  # Without shards there is nothing to merge: one line says what to set.
+  c = tiny_config(tok_dir, steps=2, log_every=1, eval_every=0)
+  train.run(c, str(tmp_path / "c"))
+  data = tmp_path / "c" / "checkpoints" / "2" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  with pytest.raises(ValueError, match="written by 2 process.*num_shards"):
+    train.run(tiny_config(tok_dir, steps=4, log_every=1, eval_every=0),
+              str(tmp_path / "c"))
+
+
+def test_run_saves_a_reusable_config_and_prints_a_summary(tok_dir, tmp_path,
+                                                          capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  c = tiny_config(tok_dir, steps=2, log_every=1, eval_every=2)
+  c.optimizer.lr = 1e-3
+  train.run(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "step 2 eval: loss" in out  # eval lines reach the console
+  assert "done: step 2 of 2" in out and "best" in out
+  spec = importlib.util.spec_from_file_location(
+      "from_json", os.path.join(ROOT, "configs", "from_json.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  again = module.get_config(str(tmp_path / train.CONFIG_FILE))
+  assert again.optimizer.lr == 1e-3 and again.train.steps == 2
+  assert again.to_dict() == c.to_dict()
+  # The reloaded config trains (resumes: nothing left to do at step 2).
+  _, last = train.run(again, str(tmp_path))
+  assert last == {}

@@ -15,12 +15,17 @@ them into the prompt and completion texts that are then tokenized:
   ``add_generation_prompt=True``; a completion is what the template adds to
   it when the completion's messages follow the prompt's, TRL's
   ``maybe_apply_chat_template`` split. A leading BOS string is dropped: the
-  pipeline adds the BOS id itself.
+  pipeline adds the BOS id itself. The Jinja environment is
+  ``transformers``' own: ``{% generation %}`` blocks (rendered as their
+  body; ``transformers`` uses them for assistant masks), ``strftime_now``,
+  ``raise_exception``, its ``tojson`` (no ASCII escaping; ``indent``,
+  ``separators``, ``sort_keys``), loop controls, trimmed blocks.
 
 A run that starts from a Hugging Face directory (``checkpoint.init_from``)
 uses that model's template when it has one.
 """
 
+import datetime
 import json
 import os
 
@@ -46,8 +51,44 @@ class BuiltinChat:
     return messages[0]["content"] + "\n" + self._render(messages[1:])
 
 
+# BuiltinChat as a Jinja chat template (what an HF export writes).
+BUILTIN_JINJA = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def _raise(message):
   raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None,
+            sort_keys=False):
+  """``transformers``' ``tojson`` filter (Jinja's escapes HTML)."""
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                    separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+  return datetime.datetime.now().strftime(fmt)
+
+
+class _Generation(jinja2.ext.Extension):
+  """``{% generation %}...{% endgeneration %}``: renders its body.
+
+  ``transformers`` marks the assistant's tokens with it
+  (``return_assistant_tokens_mask``); the text is the body either way.
+  """
+  tags = {"generation"}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method("_body"), [], [],
+                                  body).set_lineno(lineno)
+
+  def _body(self, caller):
+    return caller()
 
 
 def _token(value):
@@ -64,15 +105,16 @@ class TemplateChat:
                eos_token: str = "", name: str = "chat template"):
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True,
-        extensions=[jinja2.ext.loopcontrols])
+        extensions=[_Generation, jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(
-        x, ensure_ascii=False, indent=indent)
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
     try:
       self._template = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
       raise ValueError(f"{name}: line {e.lineno}: {e.message}") from None
     self._bos, self._eos, self._name = bos_token, eos_token, name
+    self.source = template  # the Jinja text, as read
 
   @classmethod
   def from_path(cls, path: str) -> "TemplateChat":

@@ -18,6 +18,7 @@ the same documents (docstring -> code retrieval, preferences) can exclude the
 held-out documents with :func:`is_heldout`.
 """
 
+import ast
 import functools
 import hashlib
 import os
@@ -45,6 +46,36 @@ def is_heldout(name, fraction=0.02):
   digest = hashlib.sha1(name.encode("utf-8")).digest()
   # The first 8 bytes of sha1 are uniform over [0, 2**64).
   return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def documented_functions(text, *, clean=True):
+  """The functions and methods of Python source that have a docstring.
+
+  The one AST walk behind the embedded tasks (docstring -> name preferences
+  in :mod:`alignax.data.preference_task`, docstring -> code retrieval in
+  :mod:`alignax.data.retrieval_task`).
+
+  Args:
+    text: Python source.
+    clean: whether docstrings are cleaned (``ast.get_docstring``'s
+      ``clean``: ``inspect.cleandoc`` whitespace).
+
+  Returns:
+    ``[(node, docstring)]`` for every ``FunctionDef`` / ``AsyncFunctionDef``
+    with a non-empty docstring, in ``ast.walk`` order (breadth first);
+    ``[]`` for text that does not parse.
+  """
+  try:
+    tree = ast.parse(text)
+  except (SyntaxError, ValueError):
+    return []
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      docstring = ast.get_docstring(node, clean=clean)
+      if docstring:
+        found.append((node, docstring))
+  return found
 
 
 def _skip_dir(dirname):

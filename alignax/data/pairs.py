@@ -1,15 +1,17 @@
 """Pair / N-view data for the contrastive path: records -> padded view batches.
 
-Records (JSONL lines, Parquet rows, or the embedded retrieval task) are
-either **pairs** ``{"query": str, "positive": str, "negatives": [str, ...]}``
+Records (JSONL lines, Parquet rows, ArrayRecord / TFDS records, or the
+embedded retrieval task) are either **pairs**
+``{"query": str, "positive": str, "negatives": [str, ...]}``
 (``negatives`` optional) or **N-view** records ``{"views": [str, ...]}``.
 Each example becomes ``V = data.num_views`` texts: a pair gives its query,
 its positive and its first ``V - 2`` negatives; an N-view record its first
 ``V`` views. Pair texts get instruction prefixes (``data.query_prefix`` on
 the query, ``data.doc_prefix`` on the others) so one tower serves both
 sides; N-view texts are symmetric and get none. A bad record raises
-``ValueError`` naming ``file:line`` (JSONL) or ``file:row`` (Parquet) and
-the field.
+``ValueError`` naming ``file:line`` (JSONL) or ``file:row N`` (Parquet) and
+the field, or with ``data.skip_malformed`` is dropped and counted (the policy
+of :mod:`alignax.data.records`; an empty query or positive is ``empty``).
 
 A batch is a dict of two ``[B, V, T]`` int32 arrays, padded on the right::
 
@@ -33,7 +35,9 @@ import ml_collections
 import numpy as np
 
 from alignax.data import pipeline
+from alignax.data import records
 from alignax.data import retrieval_task
+from alignax.data import shards
 from alignax.data import sources
 
 DATA_DEFAULTS = {
@@ -56,70 +60,82 @@ def option(data_cfg, name):
 
 
 def _texts(record, field, min_count):
-  values = record.get(field)
+  values = records.require(record, field)
   if not isinstance(values, (list, tuple)) or not all(
       isinstance(v, str) for v in values):
-    raise ValueError(f"field {field!r} must be a list of strings, got "
-                     f"{type(values).__name__}")
+    raise records.MalformedRecord(
+        "wrong_type", f"field {field!r} must be a list of strings, got "
+        f"{type(values).__name__}")
   if len(values) < min_count:
-    raise ValueError(f"field {field!r} has {len(values)} entries; "
-                     f"data.num_views needs at least {min_count}")
-  return list(values[:min_count])
+    raise records.MalformedRecord(
+        "too_few", f"field {field!r} has {len(values)} entries; "
+        f"data.num_views needs at least {min_count}")
+  return [records.check_text(v, f"{field}[{i}]")
+          for i, v in enumerate(values[:min_count])]
 
 
 def record_views(record, num_views):
   """``(texts, is_pair)`` of one record: ``num_views`` strings.
 
   Raises:
-    ValueError: naming the bad field (the caller adds the location).
+    MalformedRecord: naming the bad field (the caller adds the location).
   """
   if not isinstance(record, dict):
-    raise ValueError(f"record is a {type(record).__name__}, not an object")
-  if "views" in record:
+    raise records.MalformedRecord(
+        "not_object", f"record is a {type(record).__name__}, not an object")
+  if record.get("views") is not None:  # (a null column: a pair row)
     return _texts(record, "views", num_views), False
   for field in ("query", "positive"):
     if field not in record:
-      raise ValueError(f"missing field {field!r} (record has fields "
-                       f"{sorted(record)}); expected query/positive[/negatives]"
-                       " or views")
-    if not isinstance(record[field], str) or not record[field]:
-      raise ValueError(f"field {field!r} must be a non-empty string, got "
-                       f"{record[field]!r:.40}")
+      raise records.MalformedRecord(
+          "missing_field", f"missing field {field!r} (record has fields "
+          f"{sorted(record)}); expected query/positive[/negatives] or views")
+    if not isinstance(record[field], str):
+      raise records.MalformedRecord(
+          "wrong_type", f"field {field!r} must be a non-empty string, got "
+          f"{record[field]!r:.40}")
+    if not record[field]:
+      raise records.MalformedRecord(
+          "empty", f"field {field!r} must be a non-empty string, got ''")
+    records.check_text(record[field], field)
   negatives = []
   if num_views > 2:
     negatives = _texts(record, "negatives", num_views - 2)
   return [record["query"], record["positive"]] + negatives, True
 
 
-class PairJsonlSource(sources.JsonlSource):
-  """JSONL pair / N-view records, checked when read (``file:line: field``)."""
+class PairSource(records.CheckedSource):
+  """Pair / N-view records of a raw source, checked when read.
 
-  def __init__(self, paths, num_views=2, *, skip_malformed=False):
-    self._num_views = num_views
-    super().__init__(paths, text_field=None, skip_malformed=skip_malformed)
+  Errors name the raw source's location (``file:line: field``); with
+  ``skip_malformed`` every record is checked once here and bad ones are
+  dropped and counted by reason in ``skipped``.
 
-  def _parse(self, index):
-    record = super()._parse(index)
+  Args:
+    source: a random-access source of whole records (``text_field=None``).
+    num_views: texts per example (``data.num_views``).
+    skip_malformed: drop and count bad records instead of raising.
+  """
+
+  def __init__(self, source, num_views=2, *, skip_malformed=False):
+    self._source, self._num_views = source, num_views
+    self._apply_policy(skip_malformed, "pair records")
+
+  def _num_raw(self):
+    return len(self._source)
+
+  def where(self, raw_index):
+    if hasattr(self._source, "where"):
+      return self._source.where(raw_index)
+    return f"{self._source!r}[{raw_index}]"
+
+  def _read(self, raw_index):
+    record = self._source[raw_index]
     record_views(record, self._num_views)
     return record
 
-
-class PairParquetSource(sources.ParquetSource):
-  """Parquet pair / N-view rows, checked when read (``file:row N: field``)."""
-
-  def __init__(self, paths, num_views=2):
-    self._num_views = num_views
-    super().__init__(paths, text_field=None)
-
-  def __getitem__(self, index):
-    record = super().__getitem__(index)
-    try:
-      record_views(record, self._num_views)
-    except ValueError as e:
-      file_index = int(np.searchsorted(self._offsets, index, side="right")) - 1
-      row = index - int(self._offsets[file_index])
-      raise ValueError(f"{self._paths[file_index]}:row {row}: {e}") from None
-    return record
+  def __repr__(self):
+    return f"PairSource({self._source!r}, len={len(self)})"
 
 
 def build_pair_source(data_cfg, split):
@@ -127,7 +143,8 @@ def build_pair_source(data_cfg, split):
 
   ``data.source='embedded'`` is the docstring -> code task of
   :mod:`alignax.data.retrieval_task` (eval = the corpus's held-out split);
-  ``jsonl`` / ``parquet`` read ``data.paths`` / ``data.eval_paths``.
+  the file sources of :func:`alignax.data.sources.build_source` read
+  ``data.paths`` / ``data.eval_paths`` (or ``data.tfds_name``).
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
@@ -141,17 +158,11 @@ def build_pair_source(data_cfg, split):
     return retrieval_task.CodeSearchSource(
         "train" if split == "train" else "heldout",
         data_cfg.get("heldout_fraction", 0.02))
-  paths = list(data_cfg.paths if split == "train" else data_cfg.eval_paths)
-  if not paths:
-    raise ValueError(f"data.source={data_cfg.source!r} needs data."
-                     f"{'paths' if split == 'train' else 'eval_paths'}")
-  if data_cfg.source == "jsonl":
-    return PairJsonlSource(paths, num_views,
-                           skip_malformed=data_cfg.get("skip_malformed", False))
-  if data_cfg.source == "parquet":
-    return PairParquetSource(paths, num_views)
-  raise ValueError(f"data.source={data_cfg.source!r}: pair data reads "
-                   "'embedded', 'jsonl' or 'parquet'")
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  cfg.text_field = None  # whole records
+  cfg.skip_malformed = False  # PairSource checks and counts them all
+  return PairSource(sources.build_source(cfg, split), num_views,
+                    skip_malformed=data_cfg.get("skip_malformed", False))
 
 
 def tokenize_texts(tokenizer, texts, *, prefix, seq_len, add_bos=False):
@@ -238,21 +249,27 @@ def build_pairs_dataset(data_cfg, tokenizer, *, split, seed, seq_len,
 
   Arguments as :func:`alignax.data.pipeline.build_lm_dataset`; with
   ``data.no_duplicates`` batches come from :class:`NoDuplicateBatches` over
-  windows of ``data.dedupe_window`` batches.
+  windows of ``data.dedupe_window`` batches. The dataset's ``skipped`` holds
+  the malformed-record counts (:func:`alignax.data.records.skip_counts`).
   """
   source = build_pair_source(data_cfg, split)
-  ds = pipeline.shard_and_shuffle(source, seed=seed,
-                                  process_index=process_index,
-                                  process_count=process_count,
-                                  num_epochs=num_epochs)
-  ds = ds.map(TokenizeViews(tokenizer, data_cfg, seq_len))
-  ds = ds.to_iter_dataset(pipeline.read_options(data_cfg))
-  if not option(data_cfg, "no_duplicates"):
-    return ds.batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
-  window = option(data_cfg, "dedupe_window")
-  windows = ds.batch(window * batch_size, drop_remainder=True, batch_fn=list)
-  return grain_exp.FlatMapIterDataset(
-      windows, NoDuplicateBatches(batch_size, window))
+
+  def make(shard, num_shards, rows):
+    ds = pipeline.shard_and_shuffle(source, seed=seed, process_index=shard,
+                                    process_count=num_shards,
+                                    num_epochs=num_epochs)
+    ds = ds.map(TokenizeViews(tokenizer, data_cfg, seq_len))
+    ds = ds.to_iter_dataset(pipeline.read_options(data_cfg))
+    if not option(data_cfg, "no_duplicates"):
+      return ds.batch(rows, drop_remainder=True, batch_fn=stack_examples)
+    window = option(data_cfg, "dedupe_window")
+    windows = ds.batch(window * rows, drop_remainder=True, batch_fn=list)
+    return grain_exp.FlatMapIterDataset(windows,
+                                        NoDuplicateBatches(rows, window))
+
+  ds = shards.batches(make, data_cfg, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+  return records.with_counts(ds, source)
 
 
 def build_pair_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
@@ -306,7 +323,7 @@ def build_cafe_dataset(data_cfg, tokenizer, *, split, seed, seq_len,
   pairs = build_pairs_dataset(data_cfg, tokenizer, **kwargs)
   lm = pipeline.build_lm_dataset(_lm_config(data_cfg), tokenizer, **kwargs)
   zipped = grain_exp.ZipIterDataset([pairs, lm], strict=False)
-  return zipped.map(_zipped_with_lm)
+  return records.with_counts(zipped.map(_zipped_with_lm), pairs, lm)
 
 
 def build_cafe_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,

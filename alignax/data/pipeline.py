@@ -26,6 +26,8 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from alignax.data import packing
+from alignax.data import records
+from alignax.data import shards
 from alignax.data import sources
 
 
@@ -115,21 +117,31 @@ def build_lm_dataset(data_cfg, tokenizer, *, split, seed, seq_len,
     seq_len: row length ``T``.
     batch_size: rows per batch on this process.
     process_index: this process's shard.
-    process_count: number of shards.
+    process_count: number of shards; with ``data_cfg.num_shards`` the
+      records are split into that many fixed shards instead, and the global
+      batch no longer depends on the process count (see
+      :mod:`alignax.data.shards`).
     num_epochs: passes over the shard; ``None`` repeats forever.
 
   Returns:
     a ``grain.IterDataset`` of batch dicts of ``[batch_size, seq_len]``
     arrays (see ``alignax.data.packing``); incomplete last batches are
-    dropped.
+    dropped. Its ``skipped`` holds the malformed-record counts
+    (:func:`alignax.data.records.skip_counts`).
   """
   source = sources.build_source(data_cfg, split)
-  ds = tokenized_records(source, data_cfg, tokenizer, seed=seed,
-                  process_index=process_index, process_count=process_count,
-                  shuffle=True, num_epochs=num_epochs)
-  return packing.pack_and_batch(
-      lm_segments(ds, seq_len), seq_len=seq_len, batch_size=batch_size,
-      seed=seed, num_packing_bins=data_cfg.get("packing_bins") or None)
+
+  def make(shard, num_shards, rows):
+    ds = tokenized_records(source, data_cfg, tokenizer, seed=seed,
+                           process_index=shard, process_count=num_shards,
+                           shuffle=True, num_epochs=num_epochs)
+    return packing.pack_and_batch(
+        lm_segments(ds, seq_len), seq_len=seq_len, batch_size=rows,
+        seed=seed, num_packing_bins=data_cfg.get("packing_bins") or None)
+
+  ds = shards.batches(make, data_cfg, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+  return records.with_counts(ds, source)
 
 
 def make_iterator(dataset, *, prefetch_buffer_size=0):
@@ -157,7 +169,7 @@ def build_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
     a list of batch dicts of ``[batch_size, seq_len]`` arrays.
   """
   source = sources.build_source(data_cfg, "eval")
-  batches = []
+  batches = ()
   if process_index < len(source):  # Else this process's shard is empty.
     ds = tokenized_records(source, data_cfg, tokenizer, seed=0,
                            process_index=process_index,
@@ -167,10 +179,26 @@ def build_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
         lm_segments(ds, seq_len), seq_len=seq_len, batch_size=batch_size,
         num_packing_bins=data_cfg.get("packing_bins") or None,
         shuffle_bins=False, drop_remainder=False)
-    # Stop reading once num_batches are ready.
-    batches = list(itertools.islice(batches, num_batches))
+  return pad_eval_batches(batches, num_batches,
+                          lambda: packing.empty_rows(batch_size, seq_len))
+
+
+def pad_eval_batches(batches, num_batches, empty_batch):
+  """Held-out ``batches`` cut or padded to ``num_batches``.
+
+  The one padding rule of every task's eval batches, so that collective eval
+  steps stay in lockstep across processes holding different shares.
+
+  Args:
+    batches: an iterable of batch dicts, read only as far as needed.
+    num_batches: the count to return; ``None`` keeps them all.
+    empty_batch: a no-argument callable making one all-padding batch
+      (weight 0 / no valid example).
+
+  Returns:
+    a list of exactly ``num_batches`` batches (all of them for ``None``).
+  """
+  batches = list(itertools.islice(batches, num_batches))
   if num_batches is not None:
-    batches = batches[:num_batches]
-    batches += [packing.empty_rows(batch_size, seq_len)
-                for _ in range(num_batches - len(batches))]
+    batches += [empty_batch() for _ in range(num_batches - len(batches))]
   return batches

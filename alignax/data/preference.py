@@ -2,7 +2,11 @@
 
 Record formats (JSONL lines or Parquet rows; ``data.preference.format``):
 
-* ``pairs``:  ``{"prompt", "chosen", "rejected"}``, TRL's preference format;
+* ``pairs``:  ``{"prompt", "chosen", "rejected"}``, TRL's preference format,
+  or TRL's implicit-prompt form ``{"chosen", "rejected"}`` (strings or
+  message lists that both start with the prompt): the longest common prefix
+  is split off as the prompt, as TRL's ``maybe_extract_prompt`` does
+  (:func:`extract_prompt`);
 * ``lists``:  ``{"prompt", "responses": [...], "scores": [...]}``, graded
   responses (higher is better); lists longer than ``list_size`` keep their
   first ``list_size`` responses, shorter ones are padded with invalid slots;
@@ -23,7 +27,10 @@ other objectives are numeric fields named by ``data.preference.reward_fields``:
 
 A malformed record raises ``ValueError`` naming the file, the line (JSONL) or
 row (Parquet) and the field; ``data.skip_malformed`` drops such records
-instead (checked once, at construction).
+instead (checked once, at construction) and counts them by reason (the
+policy of :mod:`alignax.data.records`: wrong types, missing fields,
+non-finite scores or rewards, labels not 0/1, chosen == rejected; empty
+prompts and completions are kept, as in TRL).
 
 Tokens: prompt = ``[BOS] + ids``, response = ``ids + [EOS]``. Truncation,
 in this order: the prompt keeps its *end* (``[BOS]`` + the last
@@ -36,9 +43,7 @@ common length, and if one token each does not fit, the prompt is cut more
 Batches are built by :mod:`alignax.data.preference_packing`.
 """
 
-import bisect
 import copy
-import logging
 
 import grain
 import numpy as np
@@ -47,7 +52,11 @@ from alignax.data import chat
 from alignax.data import pipeline
 from alignax.data import preference_packing as packing
 from alignax.data import preference_task
+from alignax.data import records as records_lib
+from alignax.data import shards
 from alignax.data import sources
+
+MalformedRecord = records_lib.MalformedRecord
 
 FORMATS = ("pairs", "lists", "binary")
 _BUILTIN = chat.BuiltinChat()
@@ -62,65 +71,125 @@ def _check_messages(value, field):
   for i, m in enumerate(value):
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or (
         not isinstance(m.get("content"), str)):
-      raise ValueError(f"field {field!r}[{i}] must be a message "
-                       "{'role': str, 'content': str}.")
+      raise MalformedRecord("wrong_type", f"field {field!r}[{i}] must be a "
+                            "message {'role': str, 'content': str}")
+    records_lib.check_text(m["content"], f"{field}[{i}].content")
+
+
+def _render(render, field, *args):
+  """``render(*args)``: a template's refusal is the record's fault."""
+  try:
+    return render(*args)
+  except ValueError as e:
+    raise MalformedRecord("bad_chat", f"field {field!r}: {e}") from None
 
 
 def _text(record, field, chat, *, prompt=False):
   """A text field as a string (chat messages rendered by ``chat``)."""
-  if field not in record:
-    raise ValueError(f"missing field {field!r} (record has fields "
-                     f"{sorted(record)}).")
-  value = record[field]
-  if isinstance(value, str):
-    return value
+  value = records_lib.require(record, field)
   if isinstance(value, list) and value:
     _check_messages(value, field)
     if prompt:
-      return chat.prompt(value)
+      return _render(chat.prompt, field, value)
     prompt_messages = record.get("prompt")
     if not isinstance(prompt_messages, list):
       prompt_messages = []
-    return chat.completion(prompt_messages, value)
-  raise ValueError(f"field {field!r} must be a string or a non-empty list of "
-                   f"chat messages, got {type(value).__name__}.")
+    return _render(chat.completion, field, prompt_messages, value)
+  if not isinstance(value, (str, bytes)):
+    raise MalformedRecord(
+        "wrong_type", f"field {field!r} must be a string or a non-empty list "
+        f"of chat messages, got {type(value).__name__}")
+  return records_lib.check_text(value, field)
 
 
-def _number(value, field):
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"field {field!r} must be a number, got {value!r}.")
-  return float(value)
+def _numbers(record, field, n):
+  value = records_lib.require(record, field)
+  if not isinstance(value, list):
+    raise MalformedRecord("wrong_type", f"field {field!r} must be a list of "
+                          f"{n} numbers, got {value!r:.60}")
+  if len(value) != n:
+    raise MalformedRecord("bad_value", f"field {field!r} must be a list of "
+                          f"{n} numbers, got {len(value)}: {value!r:.60}")
+  return [records_lib.finite(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
 
-def _numbers(record, field, n=None):
-  if field not in record:
-    raise ValueError(f"missing field {field!r} (record has fields "
-                     f"{sorted(record)}).")
-  value = record[field]
-  if not isinstance(value, list) or (n is not None and len(value) != n):
-    want = f"a list of {n} numbers" if n is not None else "a list of numbers"
-    raise ValueError(f"field {field!r} must be {want}, got {value!r}.")
-  return [_number(v, f"{field}[{i}]") for i, v in enumerate(value)]
+def _is_messages(value):
+  return isinstance(value, list) and bool(value) and isinstance(value[0],
+                                                                dict)
+
+
+def extract_prompt(record):
+  """TRL's ``extract_prompt``: the common prefix of chosen and rejected.
+
+  Strings split by character, message lists by message; a split just after
+  a space moves before it (the space stays with the responses). As in TRL,
+  when one response is a prefix of the other the split is one element
+  before the shorter one's end. (TRL's wrap-around when the first element
+  differs, ``chosen[-1] == " "``, is not copied: the prompt is then empty.)
+  """
+  chosen, rejected = record["chosen"], record["rejected"]
+  idx = 0
+  for idx in range(min(len(chosen), len(rejected))):
+    if chosen[idx] != rejected[idx]:
+      if idx and chosen[idx - 1] == " ":
+        idx -= 1
+      break
+  prompt = chosen[:idx]
+  return dict(record, prompt=prompt if prompt else "", chosen=chosen[idx:],
+              rejected=rejected[idx:])
+
+
+def maybe_extract_prompt(record):
+  """``record`` with its prompt made explicit (TRL's ``maybe_extract_prompt``).
+
+  The prompt is extracted when there is none, or when it is a string while
+  the responses are message lists that repeat it (TRL's example,
+  ``{"prompt": "The sky is", "chosen": [user, assistant messages]}``);
+  any other record is returned as is.
+  """
+  if not isinstance(record, dict) or "chosen" not in record or (
+      "rejected" not in record):
+    return record
+  for field in ("chosen", "rejected"):
+    if not isinstance(record[field], (str, list)):
+      return record  # parse_pair names the wrong type
+  if "prompt" in record and not (isinstance(record["prompt"], str) and
+                                 _is_messages(record["chosen"])):
+    return record
+  return extract_prompt(record)
 
 
 def parse_pair(record, reward_fields=(), chat=_BUILTIN):
-  """``{prompt, chosen, rejected}`` -> a normalised example (see parse)."""
-  rewards = [[_number(record.get(f"{side}_{f}"), f"{side}_{f}")
+  """``{prompt, chosen, rejected}`` -> a normalised example (see parse).
+
+  Implicit-prompt records (no ``prompt``) go through
+  :func:`maybe_extract_prompt` first.
+  """
+  record = maybe_extract_prompt(record)
+  rewards = [[records_lib.finite(records_lib.require(record, f"{side}_{f}"),
+                                 f"{side}_{f}")
               for f in reward_fields] for side in ("chosen", "rejected")]
-  return {"prompt": _text(record, "prompt", chat, prompt=True),
-          "responses": [_text(record, "chosen", chat),
-                        _text(record, "rejected", chat)],
-          "labels": [1.0, 0.0], "rewards": rewards}
+  example = {"prompt": _text(record, "prompt", chat, prompt=True),
+             "responses": [_text(record, "chosen", chat),
+                           _text(record, "rejected", chat)],
+             "labels": [1.0, 0.0], "rewards": rewards}
+  if example["responses"][0] == example["responses"][1]:
+    raise MalformedRecord("identical", "fields 'chosen' and 'rejected' are "
+                          "the same text: the pair prefers nothing")
+  return example
 
 
 def parse_list(record, reward_fields=(), chat=_BUILTIN):
   """``{prompt, responses, scores}`` -> a normalised example."""
-  responses = record.get("responses")
+  responses = records_lib.require(record, "responses")
   if not isinstance(responses, list) or not responses:
-    raise ValueError("field 'responses' must be a non-empty list, got "
-                     f"{responses!r}.")
+    raise MalformedRecord("wrong_type", "field 'responses' must be a "
+                          f"non-empty list, got {responses!r:.60}")
   texts = [_text({"prompt": record.get("prompt"), "responses": r},
                  "responses", chat) for r in responses]
+  if len(texts) > 1 and len(set(texts)) == 1:
+    raise MalformedRecord("identical", "field 'responses' holds one text "
+                          f"{len(texts)} times: nothing to rank")
   scores = _numbers(record, "scores", len(texts))
   per_field = [_numbers(record, f, len(texts)) for f in reward_fields]
   rewards = [list(v) for v in zip(*per_field)] if per_field else [
@@ -133,9 +202,12 @@ def parse_binary(record, reward_fields=(), chat=_BUILTIN):
   """``{prompt, completion, label}`` -> an example of one response."""
   if reward_fields:
     raise ValueError("reward_fields apply to pairs and lists, not binary.")
-  label = record.get("label")
-  if not isinstance(label, (bool, int, float)) or label not in (0, 1):
-    raise ValueError(f"field 'label' must be true/false or 0/1, got {label!r}.")
+  label = records_lib.require(record, "label")
+  if not isinstance(label, bool):
+    label = records_lib.finite(label, "label")
+  if label not in (0, 1):
+    raise MalformedRecord("bad_value", "field 'label' must be true/false or "
+                          f"0/1, got {label!r}")
   return {"prompt": _text(record, "prompt", chat, prompt=True),
           "responses": [_text(record, "completion", chat)],
           "labels": [float(label)], "rewards": [[]]}
@@ -144,72 +216,46 @@ def parse_binary(record, reward_fields=(), chat=_BUILTIN):
 PARSERS = {"pairs": parse_pair, "lists": parse_list, "binary": parse_binary}
 
 
-def _location(source, index):
-  """``file:line`` / ``file:row`` of a record of a file source."""
-  if hasattr(source, "_where"):  # JsonlSource counts lines on demand.
-    return source._where(index)  # pylint: disable=protected-access
-  offsets, paths = getattr(source, "_offsets", None), getattr(
-      source, "_paths", None)
-  if offsets is not None and paths:
-    i = bisect.bisect_right(offsets, index) - 1
-    return f"{paths[i]}:row {int(index - offsets[i])}"
-  return f"{source!r}[{index}]"
-
-
-class RecordSource:
+class RecordSource(records_lib.CheckedSource):
   """Random access to parsed records ``{index, prompt, responses, labels,
   rewards}`` of a source of raw records (``text_field=None``).
 
   ``index`` is the record's position here: the key of the reference cache.
   For ``binary`` the next record's completion is appended as a second
-  response (KTO's mismatched KL completion).
+  response (KTO's mismatched KL completion). With ``skip_malformed`` every
+  record is parsed once here and the bad ones (of the raw source too) are
+  dropped and counted by reason in ``skipped``.
   """
 
   def __init__(self, source, fmt, *, reward_fields=(), skip_malformed=False,
                chat=None):
     if fmt not in FORMATS:
       raise ValueError(f"data.preference.format={fmt!r} not in {FORMATS}.")
+    if fmt == "binary" and reward_fields:
+      raise ValueError("reward_fields apply to pairs and lists, not binary.")
     self._source, self._fmt = source, fmt
     self._chat = chat or _BUILTIN
     self._reward_fields = tuple(reward_fields)
-    self._keep = None
-    self.num_skipped = 0
-    if skip_malformed:
-      self._drop_malformed()
+    self._apply_policy(skip_malformed, "preference records")
 
-  def _drop_malformed(self):
-    keep, first = [], None
-    for i in range(len(self._source)):
-      try:
-        self._parse(i)
-        keep.append(i)
-      except ValueError as e:
-        first = first or f"{_location(self._source, i)}: {e}"
-    self.num_skipped = len(self._source) - len(keep)
-    if self.num_skipped:
-      logging.warning("skipped %d malformed preference records; first: %s",
-                      self.num_skipped, first)
-    self._keep = np.asarray(keep, np.int64)
+  def _num_raw(self):
+    return len(self._source)
 
-  def __len__(self):
-    return len(self._source) if self._keep is None else len(self._keep)
+  def where(self, raw_index):
+    """``file:line`` / ``file:row N`` of a record of the raw source."""
+    if hasattr(self._source, "where"):
+      return self._source.where(raw_index)
+    return f"{self._source!r}[{raw_index}]"
 
-  def _parse(self, raw_index):
+  def _read(self, raw_index):
     record = self._source[raw_index]  # sources locate their own errors
-    try:
-      return PARSERS[self._fmt](record, self._reward_fields, self._chat)
-    except ValueError as e:
-      raise ValueError(f"{_location(self._source, raw_index)}: {e}") from None
+    return PARSERS[self._fmt](record, self._reward_fields, self._chat)
 
   def __getitem__(self, index):
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range [0, {len(self)}).")
-    raw = index if self._keep is None else int(self._keep[index])
-    example = self._parse(raw)
+    example = self._checked(self.raw_index(index))
     if self._fmt == "binary":
-      nxt = (index + 1) % len(self)
-      raw_next = nxt if self._keep is None else int(self._keep[nxt])
-      example["responses"].append(self._parse(raw_next)["responses"][0])
+      nxt = self._checked(self.raw_index((index + 1) % len(self)))
+      example["responses"].append(nxt["responses"][0])
       example["labels"].append(0.0)
       example["rewards"].append([])
     return dict(example, index=index)
@@ -229,6 +275,7 @@ def raw_source(data_cfg, split):
   cfg = copy.deepcopy(data_cfg)
   with cfg.unlocked():
     cfg.text_field = None  # whole records
+    cfg.skip_malformed = False  # RecordSource checks and counts them all
   return sources.build_source(cfg, split)
 
 
@@ -344,14 +391,21 @@ def build_preference_dataset(data_cfg, tokenizer, *, split, seed, seq_len,
 
   Returns:
     a ``grain.IterDataset`` of batch dicts (see
-    :mod:`alignax.data.preference_packing`).
+    :mod:`alignax.data.preference_packing`); its ``skipped`` holds the
+    malformed-record counts (:func:`alignax.data.records.skip_counts`).
   """
-  ds = examples(record_source(data_cfg, split), data_cfg, tokenizer,
-                split=split, seed=seed, seq_len=seq_len,
-                process_index=process_index, process_count=process_count,
-                num_epochs=num_epochs)
-  return packing.pack_and_batch(ds, _layout(data_cfg), seq_len=seq_len,
-                                batch_size=batch_size, seed=seed)
+  records = record_source(data_cfg, split)
+
+  def make(shard, num_shards, rows):
+    ds = examples(records, data_cfg, tokenizer, split=split, seed=seed,
+                  seq_len=seq_len, process_index=shard,
+                  process_count=num_shards, num_epochs=num_epochs)
+    return packing.pack_and_batch(ds, _layout(data_cfg), seq_len=seq_len,
+                                  batch_size=rows, seed=seed)
+
+  ds = shards.batches(make, data_cfg, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+  return records_lib.with_counts(ds, records)
 
 
 def build_preference_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
@@ -359,7 +413,7 @@ def build_preference_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
                                   num_batches=None):
   """Deterministic held-out batches, padded as ``pipeline.build_eval_batches``."""
   layout = _layout(data_cfg)
-  batches = []
+  batches = ()
   records = record_source(data_cfg, "eval")
   if process_index < len(records):  # Else this process's shard is empty.
     ds = examples(records, data_cfg, tokenizer, split="eval", seed=0,
@@ -369,9 +423,6 @@ def build_preference_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
     batches = packing.pack_and_batch(ds, layout, seq_len=seq_len,
                                      batch_size=batch_size, shuffle_bins=False,
                                      drop_remainder=False)
-    batches = list(batches) if num_batches is None else [
-        b for _, b in zip(range(num_batches), batches)]
-  if num_batches is not None:
-    batches += [packing.empty_rows(layout, batch_size, seq_len)
-                for _ in range(num_batches - len(batches))]
-  return batches
+  return pipeline.pad_eval_batches(
+      batches, num_batches,
+      lambda: packing.empty_rows(layout, batch_size, seq_len))

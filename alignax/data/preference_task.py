@@ -23,7 +23,6 @@ pretrained model never saw. Every record is a pure function of
 ``(split, index)``: the same on every host and every run.
 """
 
-import ast
 import difflib
 import functools
 import hashlib
@@ -53,18 +52,11 @@ def _is_dunder(name):
 
 def _functions_of(text):
   """``(name, summary)`` of the documented functions of a source file."""
-  try:
-    tree = ast.parse(text)
-  except (SyntaxError, ValueError):
-    return []
   out = []
-  for node in ast.walk(tree):
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
-        not _is_dunder(node.name)):
-      doc = ast.get_docstring(node)
-      summary = _summary(doc) if doc else None
-      if summary:
-        out.append((node.name, summary))
+  for node, doc in embedded.documented_functions(text):
+    summary = None if _is_dunder(node.name) else _summary(doc)
+    if summary:
+      out.append((node.name, summary))
   return out
 
 

@@ -21,7 +21,6 @@ model pretrained on the ``'train'`` documents never saw the held-out code or
 docstrings.
 """
 
-import ast
 import functools
 import inspect
 import textwrap
@@ -66,18 +65,9 @@ def function_pairs(text, name):
   Returns:
     pairs in source order; ``[]`` for text that does not parse.
   """
-  try:
-    tree = ast.parse(text)
-  except (SyntaxError, ValueError):
-    return []
   lines = text.split("\n")
   pairs = []
-  for node in ast.walk(tree):
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-      continue
-    docstring = ast.get_docstring(node, clean=False)
-    if not docstring:
-      continue
+  for node, docstring in embedded.documented_functions(text, clean=False):
     query = _summary(docstring)
     code = _code_without_docstring(lines, node)
     if len(query.split()) >= MIN_QUERY_WORDS and code is not None:

@@ -29,7 +29,6 @@ Batches are the packed format of :mod:`alignax.data.packing` plus
 mixture (0 on padding, where the weight is 0 too).
 """
 
-import itertools
 import re
 
 import grain
@@ -38,6 +37,8 @@ import numpy as np
 
 from alignax.data import packing
 from alignax.data import pipeline
+from alignax.data import records
+from alignax.data import shards
 from alignax.data import sources
 from alignax.data import tokenizer as tok_lib
 from alignax.data import ul2
@@ -273,16 +274,23 @@ def build_ul2_dataset(data_cfg, tokenizer, *, split, seed, seq_len,
   Returns:
     a ``grain.IterDataset`` of batch dicts of ``[batch_size, seq_len]``
     arrays, the packed format plus ``denoiser``; its iterators checkpoint
-    with ``get_state`` / ``set_state``.
+    with ``get_state`` / ``set_state``. Its ``skipped`` holds the
+    malformed-record counts (:func:`alignax.data.records.skip_counts`).
   """
   source = sources.build_source(data_cfg, split)
-  segments = ul2_segments(source, data_cfg, tokenizer, seed=seed,
-                          seq_len=seq_len, process_index=process_index,
-                          process_count=process_count, num_epochs=num_epochs)
-  return packing.pack_and_batch(
-      segments, seq_len=seq_len, batch_size=batch_size, seed=seed,
-      num_packing_bins=data_cfg.get("packing_bins") or None,
-      extra_fields=EXTRA_FIELDS)
+
+  def make(shard, num_shards, rows):
+    segments = ul2_segments(source, data_cfg, tokenizer, seed=seed,
+                            seq_len=seq_len, process_index=shard,
+                            process_count=num_shards, num_epochs=num_epochs)
+    return packing.pack_and_batch(
+        segments, seq_len=seq_len, batch_size=rows, seed=seed,
+        num_packing_bins=data_cfg.get("packing_bins") or None,
+        extra_fields=EXTRA_FIELDS)
+
+  ds = shards.batches(make, data_cfg, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+  return records.with_counts(ds, source)
 
 
 def empty_batch(batch_size, seq_len):
@@ -306,7 +314,7 @@ def build_ul2_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
     a list of batch dicts of ``[batch_size, seq_len]`` arrays.
   """
   source = sources.build_source(data_cfg, "eval")
-  batches = []
+  batches = ()
   if process_index < len(source):  # Else this process's shard is empty.
     segments = ul2_segments(source, data_cfg, tokenizer, seed=EVAL_SEED,
                             seq_len=seq_len, process_index=process_index,
@@ -316,8 +324,5 @@ def build_ul2_eval_batches(data_cfg, tokenizer, *, seq_len, batch_size,
         segments, seq_len=seq_len, batch_size=batch_size,
         num_packing_bins=data_cfg.get("packing_bins") or None,
         shuffle_bins=False, drop_remainder=False, extra_fields=EXTRA_FIELDS)
-    batches = list(itertools.islice(batches, num_batches))
-  if num_batches is not None:
-    batches += [empty_batch(batch_size, seq_len)
-                for _ in range(num_batches - len(batches))]
-  return batches
+  return pipeline.pad_eval_batches(batches, num_batches,
+                                   lambda: empty_batch(batch_size, seq_len))

@@ -20,6 +20,26 @@ Command line::
   python launch/tpu_train.py --config=configs/dpo_demo.py \\
       --config.checkpoint.init_from=WORKDIR <the printed --config.model flags>
   python -m alignax.interop.hf export RUN_WORKDIR OUT_DIR --like=HF_DIR
+
+Export without ``--like`` (a model pretrained here) builds the whole
+directory from the run itself: ``config.json`` from the run's
+``model_config.json`` in the family that can hold it
+(:func:`hf_config.infer_model_type`: Llama for the plain model; Mistral,
+Qwen2, Qwen3, Gemma, Gemma 2 for their features), the vocabulary at the
+model's full (padded) size; the tokenizer converted to ``tokenizer.json``
+with every reserved id (UL2 mode tokens, sentinels) at its id
+(:mod:`alignax.interop.hf_tokenizer`); the chat template of a preference run
+(``chat_template.jinja``); ``generation_config.json`` with the BOS/EOS/PAD
+ids and, as ``suppress_tokens``, the reserved ids a sample must not
+contain::
+
+  python -m alignax.interop.hf export /tmp/alignax_demo /tmp/demo_hf
+
+A ``transformers`` model then reads a prompt causally: a UL2 run's
+``[S2S]`` mode prefix (see :mod:`alignax.generate`) is the caller's to add
+(the text ``"[S2S]def "`` tokenizes to it there). With ``--like``, a run
+whose parameter shapes differ from the ``--like`` model's is a one-line
+error naming the first tensor that differs.
 """
 
 from __future__ import annotations
@@ -42,17 +62,21 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from alignax import checkpoint as ckpt_lib
+from alignax import cli
 from alignax import sharding as shd
 from alignax import state as state_lib
+from alignax.data import chat as chat_lib
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf_config
+from alignax.interop import hf_tokenizer
 from alignax.models import ModelConfig
 
 MODEL_CONFIG_FILE = ckpt_lib.MODEL_CONFIG_FILE
 # Files copied next to an export so that it is a complete HF directory.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'tokenizer.model',
-                   'generation_config.json')
+                   'generation_config.json', 'chat_template.jinja')
+RUN_CONFIG_FILE = 'config.json'  # the run's resolved config (train.py)
 _SAFETENSORS_DTYPES = {'float32': 'F32', 'float16': 'F16',
                        'bfloat16': 'BF16', 'float64': 'F64'}
 
@@ -330,7 +354,8 @@ def has_chat_template(directory: str) -> bool:
 
 # config.model fields that a run chooses for itself; an imported model's
 # config.json sets every other one.
-RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'attention_impl')
+RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'attention_impl',
+              'scan_layers')
 
 
 def run_config(config):
@@ -563,9 +588,118 @@ def load_checkpoint_params(workdir: str, cfg: ModelConfig, *, mesh=None,
   return ckpt_lib.load_params(workdir, target)
 
 
+def run_dir(path: str) -> str:
+  """The run workdir of ``path`` (a workdir, its checkpoints/ or a step)."""
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.dirname(path),
+                    os.path.dirname(os.path.dirname(path))):
+    if os.path.isfile(os.path.join(candidate, MODEL_CONFIG_FILE)):
+      return candidate
+  raise FileNotFoundError(
+      f'{path}: no {MODEL_CONFIG_FILE} in the run directory; export with '
+      '--like=HF_DIR (the directory the model was imported from).')
+
+
+def read_run_config(workdir: str) -> dict:
+  """The resolved run config (``config.json``) that ``train`` wrote."""
+  path = os.path.join(run_dir(workdir), RUN_CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} is missing (runs record it since issue 14); export with '
+        '--like=HF_DIR or rerun one step with the same config.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_tokenizer(workdir: str, run: Mapping | None = None):
+  """The run's :class:`~alignax.data.tokenizer.Tokenizer`, from its config."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  run = run if run is not None else read_run_config(workdir)
+  return tok_lib.build_tokenizer(ml_collections.ConfigDict(run['tokenizer']),
+                                 run_dir(workdir))
+
+
+def run_chat_template(run: Mapping) -> str | None:
+  """The Jinja chat template a preference run rendered its records with."""
+  data = run.get('data', {})
+  path = data.get('preference', {}).get('chat_template', '')
+  if path:
+    return chat_lib.TemplateChat.from_path(path).source
+  return chat_lib.BUILTIN_JINJA if data.get('task') == 'preference' else None
+
+
+def suppressed_ids(tokenizer, vocab_size: int) -> list[int]:
+  """Ids a sample must not contain: every reserved id but BOS/EOS (mode
+  tokens, sentinels, unused) and the model's padding rows."""
+  keep = {tokenizer.bos_id, tokenizer.eos_id}
+  return [i for i in range(tokenizer.base_vocab_size, vocab_size)
+          if i not in keep]
+
+
+def export_run(workdir: str, out_dir: str, *, dtype: str | None = None,
+               mesh=None) -> None:
+  """A run pretrained here as a complete HF directory (no ``--like``).
+
+  See the module docstring for what is written. Every process must call it.
+  """
+  run = read_run_config(workdir)
+  cfg = read_model_config(run_dir(workdir))
+  tokenizer = run_tokenizer(workdir, run)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f'{workdir}: the tokenizer has {tokenizer.vocab_size} '
+                     f'ids, the model {cfg.vocab_size}.')
+  ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+             pad_token_id=tokenizer.pad_id)
+  params = load_checkpoint_params(workdir, cfg, mesh=mesh)
+  export_hf(out_dir, cfg, params, dtype=dtype, base_config=ids)
+  if jax.process_index() != 0:
+    return
+  hf_tokenizer.write_tokenizer(out_dir, tokenizer,
+                               chat_template=run_chat_template(run),
+                               model_max_length=cfg.max_seq_len)
+  suppress = set(suppressed_ids(tokenizer, cfg.vocab_size)) | (
+      {tokenizer.bos_id} - {tokenizer.eos_id})  # never sample a BOS
+  generation = dict(ids, max_length=cfg.max_seq_len,
+                    suppress_tokens=sorted(suppress))
+  with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
+    json.dump(generation, f, indent=2)
+
+
+def check_like(workdir: str, cfg: ModelConfig, like: str) -> None:
+  """Raises, naming the first tensor, unless the run's parameters have the
+  shapes of the ``--like`` model's (a vocabulary the run grew excepted)."""
+  fields = ckpt_lib.read_model_config(workdir)
+  if fields is None:
+    return  # an import or an older run: orbax checks the shapes
+  run_cfg = ModelConfig(**fields)
+  if run_cfg.vocab_size > cfg.vocab_size:  # cut back on export
+    run_cfg = dataclasses.replace(run_cfg, vocab_size=cfg.vocab_size)
+  theirs = nnx.to_pure_dict(state_lib.abstract_model(cfg)[1])
+  ours = nnx.to_pure_dict(state_lib.abstract_model(run_cfg)[1])
+  for spec in tensor_specs(cfg):
+    try:
+      mine = _tree_get(ours, spec.path).shape
+    except KeyError:
+      mine = None
+    want = _tree_get(theirs, spec.path).shape
+    if mine != want:
+      name = spec.hf_name.format(i=0)
+      raise ValueError(
+          f'--like={like} does not fit {workdir}: tensor {name!r} (alignax '
+          f'{"/".join(spec.path)}) is {want} there but {mine} in the run; '
+          'export without --like to write the run\'s own config.')
+  for field in ('n_layers', 'tie_embeddings'):
+    if getattr(cfg, field) != getattr(run_cfg, field):
+      raise ValueError(
+          f'--like={like} does not fit {workdir}: {field}='
+          f'{getattr(cfg, field)} there, {getattr(run_cfg, field)} in the run.')
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  """``import HF_DIR WORKDIR`` or ``export WORKDIR OUT_DIR --like=HF_DIR``."""
+  """``import HF_DIR WORKDIR`` or ``export WORKDIR OUT_DIR [--like=HF_DIR]``."""
   parser = argparse.ArgumentParser(prog='python -m alignax.interop.hf')
+  parser.add_argument('--debug', action='store_true',
+                      help='full traceback of a user error')
   sub = parser.add_subparsers(dest='command', required=True)
   imp = sub.add_parser('import', help='HF directory -> alignax checkpoint')
   imp.add_argument('hf_dir')
@@ -574,10 +708,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   exp = sub.add_parser('export', help='alignax checkpoint -> HF directory')
   exp.add_argument('workdir', help='a run workdir, checkpoints/ or step dir')
   exp.add_argument('out_dir')
-  exp.add_argument('--like', required=True,
-                   help='the HF directory the model was imported from')
+  exp.add_argument('--like', default=None,
+                   help='the HF directory the model was imported from; '
+                   'default: config and tokenizer from the run itself')
   exp.add_argument('--dtype', default=None, help='e.g. bfloat16')
   args = parser.parse_args(argv)
+  try:
+    _main(args)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or not cli.is_user_error(e):
+      raise
+    cli.fail(cli.one_line(e))
+
+
+def _main(args) -> None:
   if args.command == 'import':
     cfg, params = load_hf(args.hf_dir, param_dtype=args.param_dtype)
     step_dir = save_checkpoint(args.workdir, cfg, params)
@@ -587,8 +731,13 @@ def main(argv: Sequence[str] | None = None) -> None:
           + ' '.join(config_flags(cfg))
           + f' --config.tokenizer.kind=hf --config.tokenizer.path={tokenizer}')
     return
+  if args.like is None:
+    export_run(args.workdir, args.out_dir, dtype=args.dtype)
+    print(f'wrote {args.out_dir}')
+    return
   base = read_hf_config(args.like)
   cfg = hf_config.model_config_from_hf(base)
+  check_like(args.workdir, cfg, args.like)
   params = _export_params(args.workdir, cfg)
   export_hf(args.out_dir, cfg, params, model_type=base['model_type'],
             dtype=args.dtype, base_config=base, copy_from=args.like)

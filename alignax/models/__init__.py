@@ -1,4 +1,6 @@
 """NNX models: the decoder-only transformer, its layers and its config."""
+from alignax.models.attention import blockwise_attention
+from alignax.models.attention import MaskInfo
 from alignax.models.config import ModelConfig
 from alignax.models.config import REMAT_POLICIES
 from alignax.models.layers import apply_rope

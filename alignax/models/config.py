@@ -13,7 +13,13 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
 }
-ATTENTIONS = ('fused', 'einsum')
+# ``ModelConfig.attention``: see alignax.models.attention. 'einsum' is the old
+# name of 'reference'; 'fused' is jax.nn.dot_product_attention on the dense
+# mask.
+ATTENTIONS = ('auto', 'blockwise', 'splash', 'cudnn', 'reference', 'fused',
+              'einsum')
+# The paths that implement the attention-logit soft-cap (Gemma 2).
+SOFTCAP_ATTENTIONS = ('auto', 'blockwise', 'splash', 'reference', 'einsum')
 ATTENTION_IMPLS = (None, 'xla', 'cudnn')
 # ``ModelConfig.mlp_activation``: the gate nonlinearity of the gated MLP
 # (SwiGLU for 'silu', GeGLU for the gelus; 'gelu_tanh' is Gemma's).
@@ -42,10 +48,14 @@ class ModelConfig:
     dtype: compute dtype name, e.g. ``'bfloat16'``.
     param_dtype: storage dtype name of the parameters.
     remat: rematerialisation policy of each block, a key of ``REMAT_POLICIES``.
-    attention: ``'fused'`` (``jax.nn.dot_product_attention``) or ``'einsum'``
-      (explicit float32 reference).
-    attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``:
-      None, ``'xla'`` or ``'cudnn'``.
+    attention: one of ``ATTENTIONS``: ``'blockwise'`` (pure-JAX flash
+      attention, no ``[T, T]`` array), ``'splash'`` (TPU kernel, causal +
+      segment ids), ``'cudnn'`` (GPU, plain causal), ``'auto'`` (splash on
+      TPU, cuDNN on GPU where they fit, else blockwise), ``'reference'`` /
+      ``'einsum'`` (explicit float32 softmax on the dense mask) or
+      ``'fused'`` (``jax.nn.dot_product_attention`` on the dense mask).
+    attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``
+      for ``'fused'`` and KV-cache decoding: None, ``'xla'`` or ``'cudnn'``.
     qkv_bias: add learned biases to the q, k, v projections (Qwen2).
     qk_norm: RMSNorm over ``head_dim`` of q and k before RoPE (Qwen3).
     norm_offset: every RMSNorm multiplies by ``scale + norm_offset``; 1.0 is
@@ -56,7 +66,7 @@ class ModelConfig:
       add too (Gemma 2's sandwich norms).
     attn_scale: query-key scale; 0 = ``1 / sqrt(head_dim)``.
     attn_logit_softcap: ``c * tanh(s / c)`` on attention scores; 0 = off
-      (Gemma 2). Needs ``attention='einsum'``.
+      (Gemma 2). Needs an attention in ``SOFTCAP_ATTENTIONS``.
     final_logit_softcap: the same on the output logits; 0 = off.
     layer_windows: per-layer sliding-window length (0 = full attention):
       key ``j`` is visible from query ``i`` iff ``pos_i - pos_j < window``;
@@ -66,6 +76,9 @@ class ModelConfig:
     rope_low_freq_factor: ``'llama3'`` low-frequency factor.
     rope_high_freq_factor: ``'llama3'`` high-frequency factor.
     rope_original_max_len: ``'llama3'`` pretraining context length.
+    scan_layers: keep the layer loop a loop in the compiled program (one
+      block compiled); False unrolls it (MaxText's ``scan_layers=False``):
+      longer compiles, and XLA's cost analysis then counts every layer.
   """
   vocab_size: int
   d_model: int
@@ -81,7 +94,7 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
-  attention: str = 'fused'
+  attention: str = 'auto'
   attention_impl: str | None = None
   qkv_bias: bool = False
   qk_norm: bool = False
@@ -98,6 +111,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  scan_layers: bool = True
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
@@ -134,10 +148,11 @@ class ModelConfig:
       if getattr(self, name) < 0:
         raise ValueError(f'ModelConfig.{name} must be >= 0, got '
                          f'{getattr(self, name)!r}.')
-    if self.attn_logit_softcap and self.attention != 'einsum':
+    if self.attn_logit_softcap and self.attention not in SOFTCAP_ATTENTIONS:
       raise ValueError(
           f'ModelConfig.attn_logit_softcap={self.attn_logit_softcap} needs '
-          f"attention='einsum' (jax.nn.dot_product_attention has no softcap).")
+          f'attention in {list(SOFTCAP_ATTENTIONS)}, not '
+          f'{self.attention!r} (jax.nn.dot_product_attention has no softcap).')
     # ml_collections hands lists over; the frozen config must stay hashable.
     windows = tuple(int(w) for w in self.layer_windows)
     object.__setattr__(self, 'layer_windows', windows)

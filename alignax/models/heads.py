@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignax import sharding
 from alignax.models import layers
 from alignax.models.config import ModelConfig
 from alignax.models.transformer import Transformer
@@ -175,7 +176,12 @@ class EmbeddingHead(nnx.Module):
     """``[..., T, D]`` hidden states + ``[..., T]`` mask -> ``[..., D']``."""
     x = POOLINGS[self.cfg.pooling](hidden, mask)  # [..., D] float32
     if self.cfg.proj_dim:
-      x = jnp.einsum("...d,dp->...p", x, self.proj[...].astype(x.dtype))
+      proj = sharding.gather(self.proj[...].astype(x.dtype), ("embed", None))
+      x = jnp.einsum("...d,dp->...p", x, proj)
+    # Rows stay on their chip (the ring losses shard_map over them).
+    names = (("activation_batch",) + (None,) * max(x.ndim - 2, 0)
+             + ("activation_embed",))
+    x = sharding.constrain(x, names[-x.ndim:])
     if self.cfg.normalize:
       # Same clamp as torch.nn.functional.normalize: zero rows stay zero.
       x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -261,8 +267,8 @@ class RewardModel(Transformer):
   def rewards_from_hidden(self, hidden):
     """``[..., D]`` hidden states -> ``[...]`` float32 rewards."""
     f32 = layers.at_least_f32(hidden.dtype)
-    return (jnp.einsum('...d,d->...', hidden.astype(f32),
-                       self.reward_head[...].astype(f32))
+    head = sharding.gather(self.reward_head[...].astype(f32), ('embed',))
+    return (jnp.einsum('...d,d->...', hidden.astype(f32), head)
             + self.reward_bias[...].astype(f32))
 
   def score(self, tokens, segment_ids):

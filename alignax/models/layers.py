@@ -12,6 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignax import sharding
+from alignax.models import attention
+# Re-exported: the mask's definition lives next to the blockwise attention.
+from alignax.models.attention import make_attention_mask  # noqa: F401
 from alignax.models.config import ModelConfig
 
 _init = nnx.initializers
@@ -155,49 +159,6 @@ def rope_frequencies(head_dim: int, theta: float, *, scaling: str = 'none',
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def make_attention_mask(segment_ids: jax.Array, prefix: jax.Array,
-                        attend_to: jax.Array | None = None) -> jax.Array:
-  """Boolean attention mask for packed, prefix-LM rows.
-
-  Query ``i`` attends key ``j`` iff both are in the same non-padding segment
-  and ``j <= i`` or both are in that segment's bidirectional prefix. Padding
-  queries (segment 0) attend only to themselves so that their softmax is
-  finite; their outputs are garbage that the loss masks away.
-
-  ``attend_to`` lets a segment also read one earlier segment of its row:
-  query ``i`` attends key ``j <= i`` whose segment id is ``attend_to[i]``.
-  Shared-prompt preference batches use it so that the prompt is encoded once
-  and every response segment reads it, as if the prompt preceded each one.
-
-  Args:
-    segment_ids: ``[B, T]`` int, 0 marks padding.
-    prefix: ``[B, T]`` bool, True inside the bidirectional prefix.
-    attend_to: optional ``[B, T]`` int, the id of one more segment each
-      query may attend (causally); 0 = none.
-
-  Returns:
-    ``[B, 1, T, T]`` bool mask, True where attention is allowed.
-  """
-  if segment_ids.shape != prefix.shape or segment_ids.ndim != 2:
-    raise ValueError(
-        f'segment_ids {segment_ids.shape} and prefix {prefix.shape} must both '
-        'be [B, T].')
-  t = segment_ids.shape[1]
-  same_segment = ((segment_ids[:, :, None] == segment_ids[:, None, :])
-                  & (segment_ids[:, :, None] != 0))  # [B, T, T]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  both_prefix = prefix[:, :, None] & prefix[:, None, :]  # [B, T, T]
-  mask = (same_segment & (causal | both_prefix)) | jnp.eye(t, dtype=bool)
-  if attend_to is not None:
-    if attend_to.shape != segment_ids.shape:
-      raise ValueError(f'attend_to {attend_to.shape} must equal segment_ids '
-                       f'{segment_ids.shape}.')
-    other = ((attend_to[:, :, None] == segment_ids[:, None, :])
-             & (attend_to[:, :, None] != 0))  # [B, T, T]
-    mask = mask | (other & causal)
-  return mask[:, None]
-
-
 def fused_attention(q, k, v, mask, *, implementation=None, scale=None):
   """``jax.nn.dot_product_attention`` (GQA natively): ``-> [B, T, H, Dh]``."""
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
@@ -277,10 +238,33 @@ class Attention(nnx.Module):
     self.attention_impl = cfg.attention_impl
     self.cfg = cfg
 
-  def __call__(self, x, positions, mask):
-    """``x [B, T, D]``, ``positions [B, T]``, ``mask [B, 1, T, T]``."""
+  def __call__(self, x, positions, mask: attention.MaskInfo):
+    """``x [B, T, D]``, ``positions [B, T]``; ``mask``'s ingredients ``[B, T]``.
+
+    ``cfg.attention`` picks the path (see ``attention.resolve_attention``);
+    only ``'reference'`` and ``'fused'`` build the ``[B, 1, T, T]`` mask.
+    """
     q, k, v = self._project(x, positions)
-    return self._output(self._attend(q, k, v, mask))
+    cfg, scale = self.cfg, self.cfg.attn_scale or None
+    softcap = cfg.attn_logit_softcap
+    path = attention.resolve_attention(
+        cfg.attention, mask, seq_len=x.shape[1], dtype=self.dtype,
+        head_dim=cfg.head_dim, softcap=softcap)
+
+    def attend(q, k, v, mask):
+      if path == 'blockwise':
+        return attention.blockwise_attention(q, k, v, mask, scale=scale,
+                                             softcap=softcap)
+      if path == 'splash':
+        return attention.splash_attention(q, k, v, mask, scale=scale,
+                                          softcap=softcap)
+      if path == 'cudnn':
+        return attention.cudnn_attention(q, k, v, mask, scale=scale)
+      return self._attend(q, k, v, attention.dense_mask(mask))
+
+    # Each chip attends its own rows (and heads) under a mesh: GSPMD cannot
+    # see through the kernels' loops and would gather every row.
+    return self._output(sharding.per_row_shards(attend)(q, k, v, mask))
 
   def decode(self, x, positions, mask, k_cache, v_cache, index):
     """Attends ``T`` new tokens over a KV cache after writing theirs into it.
@@ -328,8 +312,11 @@ class Attention(nnx.Module):
     return q, k, v
 
   def _attend(self, q, k, v, mask):
+    """Attention under an explicit mask: ``'fused'``, else the reference."""
     scale = self.cfg.attn_scale or None
-    if self.attention == 'fused':
+    if self.attention == 'fused' or (
+        self.attention in ('auto', 'blockwise', 'splash', 'cudnn')
+        and not self.cfg.attn_logit_softcap):
       return fused_attention(q, k, v, mask, implementation=self.attention_impl,
                              scale=scale)
     return einsum_attention(q, k, v, mask, scale=scale,

@@ -14,13 +14,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignax.models import layers
+from alignax import sharding
+from alignax.models import attention, layers
 from alignax.models.config import REMAT_POLICIES, ModelConfig
 
 # Logical name of the stacked-layers axis that nnx.vmap / nnx.scan prepend to
 # the ``out_sharding`` names of every block parameter.
 LAYERS_AXIS = 'layers'
 _LAYERS_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
+# Logical names of the residual stream [B, T, D] (see alignax.sharding): rows
+# stay on their chip, so each layer's weights are gathered, not activations.
+ACTIVATION_BTD = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 class Block(nnx.Module):
@@ -116,19 +120,17 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    if prefix is None:
-      prefix = jnp.zeros((b, t), bool)
     for name, x in (('positions', positions), ('segment_ids', segment_ids),
-                    ('prefix', prefix)):
-      if x.shape != tokens.shape:
+                    ('prefix', prefix), ('attend_to', attend_to)):
+      if x is not None and x.shape != tokens.shape:
         raise ValueError(
             f'{name} shape {x.shape} must equal tokens shape {tokens.shape}.')
-    mask = layers.make_attention_mask(segment_ids, prefix,
-                                      attend_to)  # [B, 1, T, T]
+    # The mask's [B, T] ingredients, not the [B, 1, T, T] mask: the blockwise
+    # paths build it tile by tile (None = default, lets 'auto' pick splash or
+    # cuDNN), only the reference paths expand it (layers.Attention).
+    mask = attention.MaskInfo(segment_ids, positions, prefix, attend_to)
     h = self._apply_blocks(self._embed(tokens), positions, mask)
-    h = self.final_norm(h)
+    h = sharding.constrain(self.final_norm(h), ACTIVATION_BTD)
     return h if return_hidden else self.logits_from_hidden(h)
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
@@ -137,12 +139,16 @@ class Transformer(nnx.Module):
     Callers that cannot hold ``[B, T, V]`` apply it to chunks of ``h``.
     """
     if self.cfg.tie_embeddings:
-      logits = self.embed.attend(h)
+      logits = sharding.gather_params(self.embed, self.cfg.dtype).attend(h)
     else:
       dtype = jnp.dtype(self.cfg.dtype)
-      logits = jnp.einsum('...d,dv->...v', h.astype(dtype),
-                          self.lm_head[...].astype(dtype),
+      head = sharding.gather(self.lm_head[...].astype(dtype), ('embed', 'vocab'))
+      logits = jnp.einsum('...d,dv->...v', h.astype(dtype), head,
                           preferred_element_type=layers.at_least_f32(dtype))
+    # Leading axis rows, then positions; vocab split over tensor only.
+    names = (('activation_batch',) + ('activation_length',) * (logits.ndim - 2)
+             + ('activation_vocab',))
+    logits = sharding.constrain(logits, names[-logits.ndim:])
     cap = self.cfg.final_logit_softcap
     return cap * jnp.tanh(logits / cap) if cap else logits
 
@@ -178,7 +184,9 @@ class Transformer(nnx.Module):
               transform_metadata=_LAYERS_METADATA)
     def scan_blocks(x, block, k, v, window):
       mask = self._window_mask(visible[:, None], positions, k_pos, window)
-      return block.decode(x, rope_positions, mask, k, v, index)
+      block = sharding.gather_params(block, self.cfg.dtype)
+      x, k, v = block.decode(x, rope_positions, mask, k, v, index)
+      return sharding.constrain(x, ACTIVATION_BTD), k, v
 
     x, k, v = scan_blocks(self._embed(tokens), self.blocks, cache['k'],
                           cache['v'], self._windows())
@@ -187,11 +195,11 @@ class Transformer(nnx.Module):
                         index=index + tokens.shape[1])
 
   def _embed(self, tokens):
-    x = self.embed(tokens)
+    x = sharding.gather_params(self.embed, self.cfg.dtype)(tokens)
     if self.cfg.embed_scale:
       # sqrt(D) rounded to the compute dtype, as Hugging Face's Gemma does.
       x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
-    return x
+    return sharding.constrain(x, ACTIVATION_BTD)
 
   def _windows(self):
     """``[L]`` int32 sliding-window length per layer, 0 = full."""
@@ -199,18 +207,22 @@ class Transformer(nnx.Module):
                        jnp.int32)
 
   def _window_mask(self, mask, q_positions, k_positions, window):
-    """``mask`` limited to keys less than ``window`` positions back."""
+    """Decode's ``mask`` limited to keys less than ``window`` positions back."""
     if not self.cfg.layer_windows:
       return mask
     near = (q_positions[:, :, None] - k_positions[:, None, :]) < window
     return mask & ((window == 0) | near)[:, None]  # [B, 1, T, S]
 
   def _apply_blocks(self, x, positions, mask):
-    """Scans ``x [B, T, D]`` through the stacked blocks."""
+    """Scans ``x [B, T, D]`` through the stacked blocks (``mask``: MaskInfo)."""
 
     def body(block, x, window):
-      return block(x, positions,
-                   self._window_mask(mask, positions, positions, window))
+      # ZeRO-3: this layer's weights are gathered whole, rows stay put.
+      block = sharding.gather_params(block, self.cfg.dtype)
+      layer_mask = mask._replace(window=window) if self.cfg.layer_windows else (
+          mask)
+      x = block(sharding.constrain(x, ACTIVATION_BTD), positions, layer_mask)
+      return sharding.constrain(x, ACTIVATION_BTD)
 
     if self.cfg.remat != 'none':
       # prevent_cse=False is safe (and faster) under scan, see jax.checkpoint.
@@ -218,7 +230,8 @@ class Transformer(nnx.Module):
                        prevent_cse=False)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
-              transform_metadata=_LAYERS_METADATA)
+              transform_metadata=_LAYERS_METADATA,
+              unroll=1 if self.cfg.scan_layers else True)
     def scan_blocks(x, block, window):
       return body(block, x, window)
 

@@ -100,9 +100,8 @@ def slot_weights(batch) -> Array:
 def slot_logps(model, batch, *, chunk_size=None):
   """Summed log-probs, token counts and mean log-probs per slot, ``[B, S]``."""
   hidden = hidden_states(model, batch)
-  tokens = policy.token_logps_from_hidden(
-      hidden, model.logits_from_hidden, batch["targets"],
-      chunk_size=chunk_size)  # [B, T]
+  tokens = policy.model_token_logps(model, hidden, batch["targets"],
+                                    chunk_size=chunk_size or 0)  # [B, T]
   weights = slot_weights(batch)  # [B, S, T]
   per_slot = jnp.broadcast_to(tokens[:, None, :], weights.shape)
   return (policy.sequence_logps(per_slot, weights),

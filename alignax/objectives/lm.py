@@ -12,28 +12,37 @@ import functools
 
 import jax.numpy as jnp
 
-from alignax import losses
+from alignax import policy
 
 
-def forward(model, batch):
-  """Logits ``[B, T, V]`` for a packed batch (segments, positions, prefix)."""
+def forward(model, batch, *, return_hidden=False):
+  """Logits ``[B, T, V]`` (or final hidden states ``[B, T, D]``) for a
+  packed batch (segments, positions, prefix)."""
   return model(batch["inputs"], positions=batch["positions"],
-               segment_ids=batch["segment_ids"], prefix=batch["prefix"])
+               segment_ids=batch["segment_ids"], prefix=batch["prefix"],
+               return_hidden=return_hidden)
 
 
-def token_losses(model, batch, *, z_loss=0.0):
-  """Per-token cross-entropy of a packed batch and its ``(sum, count)`` metrics.
+def token_losses(model, batch, *, z_loss=0.0, chunk_size=0):
+  r"""Per-token cross-entropy of a packed batch and its ``(sum, count)`` metrics.
+
+  .. math:: \ell_t = -\log p(y_t) + z\,(\log Z_t)^2
+
+  (``losses.token_cross_entropy``) computed by the fused log-prob path
+  (``policy.model_token_logps_and_stats``), which never holds ``[B, T, V]``
+  logits; ``chunk_size`` also splits the sequence.
 
   Returns:
     ``(per_token [B, T], weights [B, T], metrics)`` with ``metrics`` holding
     ``loss`` and ``accuracy`` over ``batch['weights']``.
   """
-  logits = forward(model, batch)  # [B, T, V]
-  per_token = losses.token_cross_entropy(logits, batch["targets"],
-                                         z_loss=z_loss)
+  hidden = forward(model, batch, return_hidden=True)  # [B, T, D]
+  logps, stats = policy.model_token_logps_and_stats(
+      model, hidden, batch["targets"], chunk_size=chunk_size)
+  per_token = z_loss * jnp.square(stats.lse) - logps
   weights = batch["weights"].astype(jnp.float32)
   count = jnp.sum(weights)
-  correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+  correct = stats.correct
   metrics = {
       "loss": (jnp.sum(per_token * weights), count),
       "accuracy": (jnp.sum(correct * weights), count),

@@ -12,6 +12,7 @@ import pytest
 from alignax.data import embedded
 from alignax.data import pairs
 from alignax.data import retrieval_task
+from alignax.data import sources
 from alignax.data import tokenizer as tok_lib
 
 
@@ -62,8 +63,8 @@ def write_jsonl(path, records):
 def test_jsonl_errors_name_file_line_and_field(tmp_path, bad, match):
   good = {"query": "q", "positive": "p", "negatives": ["a", "b"]}
   path = write_jsonl(tmp_path / "pairs.jsonl", [good, good, bad])
-  source = pairs.PairJsonlSource(path, num_views=4 if "views" not in str(bad)
-                                 else 3)
+  source = pairs.PairSource(sources.JsonlSource(path, None),
+                            num_views=4 if "views" not in str(bad) else 3)
   assert source[0] == good or "views" in str(bad)
   with pytest.raises(ValueError, match=f"pairs.jsonl:3: .*{match}"):
     source[2]
@@ -73,7 +74,8 @@ def test_parquet_errors_name_file_row_and_field(tmp_path):
   path = str(tmp_path / "pairs.parquet")
   pq.write_table(pa.table({"query": ["q1", "q2"], "positive": ["p1", None]}),
                  path)
-  source = pairs.PairParquetSource(path)
+  source = pairs.build_pair_source(
+      data_config(source="parquet", paths=(path,)), "train")
   assert source[0]["positive"] == "p1"
   with pytest.raises(ValueError, match="pairs.parquet:row 1: field 'positive'"):
     source[1]

@@ -388,3 +388,23 @@ def test_eval_batches_on_embedded_heldout():
                                       process_index=199, process_count=200,
                                       num_batches=2)
   assert len(empty) == 2 and not any(b["weights"].any() for b in empty)
+
+
+def test_pad_eval_batches_cuts_pads_and_reads_lazily():
+  made = []
+
+  def empty():
+    made.append(1)
+    return {"x": np.zeros(2)}
+
+  def batches():
+    yield {"x": np.ones(2)}
+    yield {"x": np.full(2, 2.0)}
+    raise AssertionError("read past num_batches")
+
+  out = pipeline.pad_eval_batches(batches(), 1, empty)
+  assert len(out) == 1 and out[0]["x"][0] == 1 and not made
+  out = pipeline.pad_eval_batches(iter([{"x": np.ones(2)}]), 3, empty)
+  assert [b["x"][0] for b in out] == [1, 0, 0] and len(made) == 2
+  assert len(pipeline.pad_eval_batches([{"x": 1}] * 4, None, empty)) == 4
+  assert pipeline.pad_eval_batches((), 2, empty)[1]["x"].sum() == 0

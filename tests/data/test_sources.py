@@ -275,3 +275,23 @@ def test_build_source_dispatch_and_errors(tmp_path):
     sources.build_source(_data_cfg(source="parquet", paths=[train]), "eval")
   with pytest.raises(ValueError, match="split"):
     sources.build_source(cfg, "validation")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8, 64])
+def test_jsonl_index_is_right_across_chunk_boundaries(tmp_path, monkeypatch,
+                                                       chunk):
+  monkeypatch.setattr(sources, "_INDEX_CHUNK_BYTES", chunk)
+  lines = [b'{"text": "a"}', b"", b"  ", b"\r", b'{"text": "b c"}\r', b"\t",
+           b' {"text": "d"}', b"\f\v", b"[1]"]
+  path = tmp_path / "c.jsonl"
+  path.write_bytes(b"\n".join(lines))  # no final newline
+  # Reference: the non-blank lines and their 1-based numbers, by hand.
+  want = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  starts, ends, linenos = sources._line_spans(str(path))
+  data = path.read_bytes()
+  assert [(int(n), data[s:e]) for s, e, n in zip(starts, ends, linenos)] == (
+      want)
+  source = sources.JsonlSource(str(path))
+  assert [source[i]["text"] for i in range(3)] == ["a", "b c", "d"]
+  with pytest.raises(ValueError, match=r"c\.jsonl:9: record is a list"):
+    source[3]

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +91,22 @@ def model():
 
 
 class _TableModel:
-  """A fake LM: the logits of token ``x`` are row ``x`` of a table."""
+  """A fake LM: the logits of token ``x`` are row ``x`` of a table.
+
+  As an alignax LM it has final hidden states (the one-hot of the token)
+  and an untied ``[V, V]`` head (the table), so the fused log-prob path
+  computes the same logits ``one_hot(x) @ table = table[x]``.
+  """
 
   def __init__(self, table):
     self.table = table
+    self.lm_head = jnp.asarray(table)  # [D = V, V]
+    self.cfg = types.SimpleNamespace(tie_embeddings=False, dtype="float32",
+                                     final_logit_softcap=0.0)
 
-  def __call__(self, tokens, **unused):
+  def __call__(self, tokens, *, return_hidden=False, **unused):
+    if return_hidden:
+      return jax.nn.one_hot(tokens, self.table.shape[0], dtype=jnp.float32)
     return self.table[tokens]
 
 
