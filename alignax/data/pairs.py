@@ -104,7 +104,7 @@ def record_views(record, num_views):
   return [record["query"], record["positive"]] + negatives, True
 
 
-class PairSource(records.CheckedSource):
+class PairSource(records.ParsedSource):
   """Pair / N-view records of a raw source, checked when read.
 
   Errors name the raw source's location (``file:line: field``); with
@@ -120,14 +120,6 @@ class PairSource(records.CheckedSource):
   def __init__(self, source, num_views=2, *, skip_malformed=False):
     self._source, self._num_views = source, num_views
     self._apply_policy(skip_malformed, "pair records")
-
-  def _num_raw(self):
-    return len(self._source)
-
-  def where(self, raw_index):
-    if hasattr(self._source, "where"):
-      return self._source.where(raw_index)
-    return f"{self._source!r}[{raw_index}]"
 
   def _read(self, raw_index):
     record = self._source[raw_index]

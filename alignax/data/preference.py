@@ -216,7 +216,7 @@ def parse_binary(record, reward_fields=(), chat=_BUILTIN):
 PARSERS = {"pairs": parse_pair, "lists": parse_list, "binary": parse_binary}
 
 
-class RecordSource(records_lib.CheckedSource):
+class RecordSource(records_lib.ParsedSource):
   """Random access to parsed records ``{index, prompt, responses, labels,
   rewards}`` of a source of raw records (``text_field=None``).
 
@@ -237,15 +237,6 @@ class RecordSource(records_lib.CheckedSource):
     self._chat = chat or _BUILTIN
     self._reward_fields = tuple(reward_fields)
     self._apply_policy(skip_malformed, "preference records")
-
-  def _num_raw(self):
-    return len(self._source)
-
-  def where(self, raw_index):
-    """``file:line`` / ``file:row N`` of a record of the raw source."""
-    if hasattr(self._source, "where"):
-      return self._source.where(raw_index)
-    return f"{self._source!r}[{raw_index}]"
 
   def _read(self, raw_index):
     record = self._source[raw_index]  # sources locate their own errors

@@ -214,6 +214,22 @@ class CheckedSource:
     return f"{self!r}[{raw_index}]"
 
 
+class ParsedSource(CheckedSource):
+  """A :class:`CheckedSource` whose records come from another source
+  (``self._source``, itself located): its records, its locations."""
+
+  _source = ()
+
+  def _num_raw(self):
+    return len(self._source)
+
+  def where(self, raw_index):
+    """``file:line`` / ``file:row N`` of a record of the raw source."""
+    if hasattr(self._source, "where"):
+      return self._source.where(raw_index)
+    return f"{self._source!r}[{raw_index}]"
+
+
 def skip_counts(obj):
   """``{reason: count}`` of the malformed records ``obj`` skipped.
 
