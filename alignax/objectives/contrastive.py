@@ -163,6 +163,18 @@ def contrastive_objective(model, batch, rng, *, frozen=None, loss_fn,
     ``(loss_sum, (B, metrics))``.
   """
   del rng, frozen
+  # The step's activation constraints and per-layer weight gathers
+  # deadlocked the 8-device CPU step of the embedding paths (an XLA
+  # collective rendezvous abort in tests/test_train_contrastive.py); these
+  # objectives run with GSPMD's own layout, as before the FSDP rules.
+  with shd.activation_sharding(None):
+    return _contrastive(model, batch, loss_fn=loss_fn, chunk_size=chunk_size,
+                        bidirectional=bidirectional, pairwise=pairwise,
+                        mesh=mesh)
+
+
+def _contrastive(model, batch, *, loss_fn, chunk_size, bidirectional,
+                 pairwise, mesh):
   tokens, segment_ids = batch["tokens"], batch["segment_ids"]
   if tokens.ndim != 3 or tokens.shape != segment_ids.shape:
     raise ValueError(f"tokens and segment_ids must be [B, V, T] of one shape, "
@@ -220,6 +232,13 @@ def cafe_objective(model, batch, rng, *, frozen=None, contrastive, language,
     Yu et al., *CAFe: Unifying Representation and Generation with
     Contrastive-Autoregressive Finetuning*, 2025.
   """
+  with shd.activation_sharding(None):  # see contrastive_objective
+    return _cafe(model, batch, rng, frozen, contrastive, language, weight,
+                 lm_weight)
+
+
+def _cafe(model, batch, rng, frozen, contrastive, language, weight,
+          lm_weight):
   con_sum, (con_count, con_metrics) = contrastive(model, batch, rng,
                                                   frozen=frozen)
   lm_batch = {k[len(LM_PREFIX):]: x for k, x in batch.items()
