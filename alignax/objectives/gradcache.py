@@ -62,7 +62,9 @@ def gradcache(embed_fn, loss_fn, *, num_chunks: int, mesh=None):
     # Sub-batches are laid out by split_rows; the step's activation
     # constraints and per-layer weight gathers inside these loops made the
     # 8-device CPU step deadlock in a collective (found in
-    # tests/test_train_contrastive.py), so they are off here.
+    # tests/test_train_contrastive.py), so they are off here. The
+    # contrastive objective turns them off too, but the custom VJP's
+    # backward is traced after it returns, so this one is still needed.
     with shd.activation_sharding(None):
       return plain_embed_fn(params, chunk)
 
