@@ -23,9 +23,14 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # tensorboard views workdir/tb and the profiler's trace; wandb is tested
+    # offline.
+    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorboard==2.21.0",
+            "wandb==0.31.0"],
+    "wandb": ["wandb==0.31.0"],  # config.wandb.project
     # torch 2.13.0 CPU lies on disk; pip takes it from there.
-    "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    # datasets: data.source='hf' (save_to_disk and Hub-layout directories).
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0"],
     "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "ipykernel==7.4.0",
                   "nbformat==5.11.1"],
     # libtpu (0.0.42.*, jax's own pin): Cloud TPU VMs, and --compile_for on

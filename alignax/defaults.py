@@ -91,6 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_scaling = False  # dynamic loss scaling (for float16 compute)
   c.train.z_loss = 0.0  # z-loss coefficient of the LM cross-entropy
   c.train.progress_bar = True  # tqdm bar on process 0
+  c.train.profile_steps = 0  # steps traced by the jax profiler into workdir/profile (0 = none; view with TensorBoard's profile plugin or Perfetto)
+  c.train.profile_start = 3  # first traced step (after compilation)
+
+  c.wandb = ml_collections.ConfigDict()  # Weights & Biases logging (pip install wandb), beside metrics.jsonl and TensorBoard
+  c.wandb.project = ""  # W&B project ("" = no W&B)
+  c.wandb.entity = ""  # W&B entity (team or user; "" = the default)
+  c.wandb.name = ""  # run name ("" = the workdir's name)
+  c.wandb.mode = "online"  # online | offline (sync later with `wandb sync`) | disabled
+  c.wandb.tags = ()  # run tags
+
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 100  # steps between checkpoints
@@ -138,13 +148,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.task = "lm"  # key of alignax.data.tasks.DATA_TASKS: how records become batches
-  c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds
+  c.data.source = "embedded"  # embedded | jsonl | parquet | array_record | tfds | hf
   c.data.paths = ()  # files of the train split (jsonl/parquet/array_record)
   c.data.eval_paths = ()  # files of the held-out split
-  c.data.eval_fraction = 0.0  # file sources without eval_paths: share of paths' records held out
+  c.data.eval_fraction = 0.0  # file and hf sources without an eval split: share of the train records held out
   c.data.text_field = "text"  # record field holding the text
   c.data.tfds_name = ""  # TFDS dataset name (source=tfds)
   c.data.tfds_data_dir = ""  # TFDS data_dir (source=tfds)
+  c.data.hf_path = ""  # source=hf: a datasets save_to_disk directory, a Hub-layout folder (Parquet/JSON files), or 'memory:NAME' (alignax.data.sources.register_hf_dataset)
+  c.data.hf_train_split = "train"  # source=hf: split to train on
+  c.data.hf_eval_split = "test"  # source=hf: held-out split (or data.eval_fraction)
   c.data.skip_malformed = False  # count and skip bad records instead of failing
   c.data.num_shards = 0  # fixed record shards of the global batch (0 = one per process); > 0 makes batches and resumes independent of the process count
   c.data.heldout_fraction = 0.02  # embedded corpus: share of documents held out
@@ -188,6 +201,8 @@ _fraction = lambda v: _finite(v) and 0 <= v < 1
 # field -> (check, what a valid value is). Values that no run can use, found
 # before anything is built or written.
 VALUE_CHECKS = {
+    "train.profile_steps": (_non_negative_int, "an integer >= 0"),
+    "train.profile_start": (_non_negative_int, "an integer >= 0"),
     "seed": (_non_negative_int, "an integer >= 0"),
     "optimizer.lr": (_non_negative, "a finite number >= 0"),
     "optimizer.warmup_steps": (_non_negative_int, "an integer >= 0"),
@@ -219,6 +234,7 @@ VALUE_CHECKS = {
     "tokenizer.num_sentinels": (_non_negative_int, "an integer >= 0"),
 }
 CHOICES = {
+    "wandb.mode": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip"),
     "reference": ("none", "frozen"),
     "data.source": sources.SOURCES,

@@ -119,6 +119,31 @@ def truncate_jsonl(path: str, last_step: int) -> int:
   return len(lines) - len(keep)
 
 
+def _wandb_run(workdir: str, wandb_cfg, config, resume_step: int):
+  """A Weights & Biases run in ``workdir/wandb`` that resumes with the run.
+
+  The run id is kept in ``workdir/wandb_run_id``, so a resumed training run
+  continues the same W&B run (``resume='allow'``). W&B keeps its own step
+  counter and drops the history of steps it already holds, so steps logged
+  before a crash and logged again after the resume appear once there too.
+  """
+  import wandb  # pylint: disable=g-import-not-at-top
+  id_path = os.path.join(workdir, "wandb_run_id")
+  run_id = None
+  if resume_step and os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip() or None
+  run = wandb.init(
+      project=wandb_cfg.project, entity=wandb_cfg.entity or None,
+      name=wandb_cfg.name or os.path.basename(os.path.abspath(workdir)),
+      tags=list(wandb_cfg.tags) or None, mode=wandb_cfg.mode,
+      dir=workdir, id=run_id, resume="allow",
+      config=config)
+  with open(id_path, "w") as f:
+    f.write(run.id)
+  return run
+
+
 class MetricsWriter:
   """Writes one JSON object per log step and TensorBoard scalars (process 0).
 
@@ -126,13 +151,18 @@ class MetricsWriter:
   TensorBoard events past it (logged before a crash, about to be logged
   again) are dropped, so every step appears once after any number of
   resumes.
+
+  ``wandb_cfg`` (``config.wandb``): with a ``project`` the same scalars also
+  go to Weights & Biases (``mode`` online, offline or disabled), with
+  ``config`` (a dict) as the run's config.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True,
-               resume_step: int = 0):
+               resume_step: int = 0, wandb_cfg=None, config=None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._wandb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -144,6 +174,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tb"),
                                purge_step=resume_step + 1 if resume_step
                                else None)
+      if wandb_cfg is not None and wandb_cfg.project:
+        self._wandb = _wandb_run(workdir, wandb_cfg, config, resume_step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -156,11 +188,52 @@ class MetricsWriter:
       if k != "step":
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in record.items() if k != "step"},
+                      step=int(step))
 
   def close(self) -> None:
     if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+class StepProfiler:
+  """A jax profiler trace of steps ``start .. start + steps - 1``.
+
+  The trace (XPlane and a Chrome trace) goes to ``workdir/profile``, for
+  TensorBoard's profile plugin or Perfetto. Process 0 only; a run resumed
+  past ``start`` traces nothing.
+  """
+
+  def __init__(self, workdir: str, *, start: int, steps: int,
+               enabled: bool = True):
+    self.directory = os.path.join(workdir, "profile")
+    self._first, self._last = start, start + steps - 1
+    self._enabled = enabled and steps > 0
+    self._active = False
+
+  def before(self, step: int) -> None:
+    if self._enabled and step == self._first:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.profiler.start_trace(self.directory)
+      self._active = True
+
+  def after(self, step: int, outputs) -> bool:
+    """Ends the trace after its last step; True when it did."""
+    if self._active and step == self._last:
+      self.close(outputs)
+      return True
+    return False
+
+  def close(self, outputs=None) -> None:
+    if self._active:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.block_until_ready(outputs)  # the traced steps' work, finished
+      jax.profiler.stop_trace()
+      self._active = False
 
 
 def _short(scalars: Mapping[str, float], prefix: str, keys) -> str:

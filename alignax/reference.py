@@ -56,7 +56,7 @@ _FILE_SOURCES = ("jsonl", "parquet", "array_record")
 def _files(paths):
   out = []
   for path in paths:
-    for f in sorted(glob.glob(path)) or [path]:
+    for f in sorted(glob.glob(path, recursive=True)) or [path]:
       st = os.stat(f) if os.path.exists(f) else None
       out.append([os.path.abspath(f), st and st.st_size, st and st.st_mtime_ns])
   return out
@@ -64,7 +64,8 @@ def _files(paths):
 
 def _splits(data_cfg):
   """Splits with data: file sources may have no eval files."""
-  if data_cfg.source in _FILE_SOURCES and not data_cfg.eval_paths:
+  if (data_cfg.source in _FILE_SOURCES and not data_cfg.eval_paths
+      and not data_cfg.eval_fraction):
     return ("train",)
   return ("train", "eval")
 
@@ -94,6 +95,11 @@ def cache_key(config, tokenizer, params):
                "eval": _files(d.eval_paths),
                "heldout_fraction": d.heldout_fraction,
                "skip_malformed": d.skip_malformed, "tfds": d.tfds_name,
+               "eval_fraction": d.eval_fraction,
+               "hf": [d.hf_path, d.hf_train_split, d.hf_eval_split,
+                      _files([os.path.join(d.hf_path, "**")])
+                      if d.source == "hf" and os.path.isdir(d.hf_path)
+                      else None],
                "python": sys.version if d.source == "embedded" else None},
       # shared_prompt changes how a long example is cut to fit a row.
       "preference": {k: p[k] for k in (

@@ -8,6 +8,7 @@ checkpoints; saves on SIGTERM/SIGINT; and returns the last logged metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -253,7 +254,9 @@ def _train(trainer: Trainer, workdir: str) -> dict[str, float]:
             flush=True)
   # Steps past the checkpoint (logged before a crash) are logged again now.
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
-                                     resume_step=start)
+                                     resume_step=start,
+                                     wandb_cfg=trainer.config.get("wandb"),
+                                     config=trainer.config.to_dict())
   try:
     return _steps(trainer, writer, start)
   finally:
@@ -280,13 +283,21 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
     writer.write(0, scalars)
     console.log(0, scalars)
     evals.append((0, scalars))
-  with ckpt_lib.PreemptionGuard() as guard:
+  profiler = metrics_lib.StepProfiler(
+      trainer.workdir, start=c.get("profile_start", 0),
+      steps=c.get("profile_steps", 0),
+      enabled=is_main)
+  with ckpt_lib.PreemptionGuard() as guard, contextlib.closing(profiler):
     for step in range(start + 1, c.steps + 1):
+      profiler.before(step)
       batch = next(trainer.data_iter)
       row_tokens = float(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
       tokens += row_tokens
       total_tokens += row_tokens
       pending.append((step, trainer.step(batch)))
+      if profiler.after(step, trainer.state):
+        console.print(f"profiled steps {c.profile_start}-{step} into "
+                      f"{profiler.directory}")
       preempted = guard.requested.is_set() or trainer.checkpointer.reached_preemption(step)
       boundary = step % c.log_every == 0 or step == c.steps
       saving = trainer.checkpointer.should_save(step) or step == c.steps or preempted

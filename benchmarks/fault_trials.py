@@ -51,7 +51,8 @@ def launch(workdir, *extra, steps, save_every, tok_dir, wait=True):
          f"--config.checkpoint.save_every={save_every}",
          "--config.checkpoint.keep=100", f"--config.tokenizer.cache_dir={tok_dir}",
          *extra]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v5p-8",
+             TPU_WORKER_HOSTNAMES="localhost")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   if wait:
@@ -105,11 +106,20 @@ def kill_trials(n, root, tok_dir, steps, save_every, rng):
   want_step, want = final_params(straight)
   results = {"equal": 0, "lost_at_most_one_interval": 0, "steps_once": 0,
              "max_lost_steps": 0}
+  step_seconds = duration / steps  # an upper bound: startup included
   for i in range(n):
     workdir = os.path.join(root, f"kill_{i}")
     proc = launch(workdir, steps=steps, save_every=save_every,
                   tok_dir=tok_dir, wait=False)
-    time.sleep(rng.uniform(0.3, 1.0) * duration)
+    # Kill inside the training loop: after a random number of logged steps
+    # (the first N-1), then a random part of a step later, so kills land
+    # between steps, inside steps and during the async saves alike.
+    target = rng.randint(1, steps - 1)
+    deadline = time.perf_counter() + 20 * duration
+    while (len(logged_steps(workdir)) < target and proc.poll() is None
+           and time.perf_counter() < deadline):
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0) * step_seconds)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     logged, saved = logged_steps(workdir), saved_steps(workdir)
@@ -182,6 +192,7 @@ def config_trials(root, tok_dir):
 
 
 def main():
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   parser = argparse.ArgumentParser()
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--steps", type=int, default=12)

@@ -413,3 +413,64 @@ def test_run_saves_a_reusable_config_and_prints_a_summary(tok_dir, tmp_path,
   # The reloaded config trains (resumes: nothing left to do at step 2).
   _, last = train.run(again, str(tmp_path))
   assert last == {}
+
+
+def _wandb_history(run_file):
+  """``{step: {key: value}}`` from an offline W&B transaction log.
+
+  The log is W&B's LevelDB-style record file: a 7-byte header, then 32 KiB
+  blocks of records (crc32 4 bytes, length 2, type 1: full/first/middle/
+  last) holding ``wandb_internal_pb2.Record`` protobufs.
+  """
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  data = open(run_file, "rb").read()
+  assert data[:4] == b":W&B"
+  pos, block, payload, history = 7, 32768, b"", {}
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header
+      pos += block - pos % block
+      continue
+    length = int.from_bytes(data[pos + 4:pos + 6], "little")
+    kind = data[pos + 6]
+    payload += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # full or last: a whole record
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(payload)
+      payload = b""
+      if record.WhichOneof("record_type") == "history":
+        items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                 for i in record.history.item}
+        history[int(items.pop("_step"))] = items
+  return history
+
+
+def test_wandb_offline_and_profiler_trace(tok_dir, tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  import glob  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  workdir = str(tmp_path)
+  c = tiny_config(tok_dir, log_every=1, eval_every=0, profile_start=2,
+                  profile_steps=2)
+  c.wandb.update(project="alignax-test", mode="offline", tags=("ci",))
+  train.run(c, workdir)
+  logged = {r["step"]: r for r in metrics_lib.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl"))}
+  runs = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
+  assert len(runs) == 1
+  history = _wandb_history(runs[0])
+  assert sorted(history) == [1, 2, 3, 4]
+  for step, items in history.items():
+    assert items["train/loss"] == pytest.approx(logged[step]["train/loss"])
+  # A resume continues the same W&B run (its id is kept in the workdir).
+  run_id = open(os.path.join(workdir, "wandb_run_id")).read()
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  train.run(c, workdir)
+  runs = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
+  assert len(runs) == 2 and all(r.endswith(f"run-{run_id}.wandb") for r in runs)
+  # The profiler traced steps 2-3 of the first run (the resume starts past
+  # them) into workdir/profile, as XPlane and a Chrome trace.
+  traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile",
+                                  "*", "*"))
+  assert any(t.endswith(".xplane.pb") for t in traces)
+  assert any(t.endswith(".trace.json.gz") for t in traces)

@@ -33,7 +33,7 @@ import numpy as np
 from alignax.data import embedded
 from alignax.data import records
 
-SOURCES = ("embedded", "jsonl", "parquet", "array_record", "tfds")
+SOURCES = ("embedded", "jsonl", "parquet", "array_record", "tfds", "hf")
 _INDEX_CHUNK_BYTES = 1 << 22
 # Bytes of a blank line: a line of only these holds no record.
 _BLANK = np.zeros(256, bool)
@@ -375,6 +375,81 @@ class TfdsSource(records.CheckedSource):
     return f"TfdsSource({self._name}, len={len(self)})"
 
 
+# In-memory ``datasets`` objects named for ``data.hf_path='memory:NAME'``.
+_HF_DATASETS = {}
+
+
+def register_hf_dataset(name, dataset):
+  """Makes an in-memory ``datasets.Dataset``/``DatasetDict`` a data source.
+
+  Returns the ``data.hf_path`` that names it (``'memory:NAME'``), for runs
+  in the same Python process (a notebook); a launcher run reads an on-disk
+  dataset instead.
+  """
+  _HF_DATASETS[name] = dataset
+  return f"memory:{name}"
+
+
+def _load_hf(path):
+  """A ``Dataset``/``DatasetDict`` from ``memory:NAME`` or a directory.
+
+  A directory written by ``save_to_disk`` is opened with ``load_from_disk``;
+  any other directory (the Hub's layout: Parquet/JSON files, ``data/``
+  folders, split names in file names) with ``load_dataset(path)``, which
+  reads it locally without reaching for the Hub.
+  """
+  if path.startswith("memory:"):
+    if path[7:] not in _HF_DATASETS:
+      raise ValueError(f"data.hf_path={path!r}: no dataset registered under "
+                       f"{path[7:]!r} (sources.register_hf_dataset); "
+                       f"registered: {sorted(_HF_DATASETS)}.")
+    return _HF_DATASETS[path[7:]]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"data.hf_path={path!r}: no such directory.")
+  import datasets  # pylint: disable=g-import-not-at-top
+  saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+  if any(os.path.isfile(os.path.join(path, f)) for f in saved):
+    return datasets.load_from_disk(path)
+  return datasets.load_dataset(path)
+
+
+class HfSource(records.CheckedSource):
+  """One split of a Hugging Face ``datasets`` dataset (Arrow, memory-mapped).
+
+  ``dataset`` is a ``datasets.Dataset`` (``split`` only names it), or a
+  ``DatasetDict`` with ``split`` in it. ``skip_malformed`` as in :class:`JsonlSource`; records are located
+  as ``hf NAME[split]:row N``. A missing text column is an error of the
+  whole dataset, raised at construction.
+  """
+
+  def __init__(self, dataset, split="train", text_field="text", *, name="",
+               skip_malformed=False):
+    if isinstance(dataset.column_names, dict):  # a DatasetDict
+      if split not in dataset:
+        raise ValueError(f"hf dataset {name!r} has no split {split!r} "
+                         f"(splits: {sorted(dataset)}).")
+      dataset = dataset[split]
+    self._name = f"{name}[{split}]"
+    self._text_field = text_field
+    if text_field is not None and text_field not in dataset.column_names:
+      raise ValueError(f"hf dataset {self._name}: missing text field "
+                       f"{text_field!r} (columns: {dataset.column_names}).")
+    self._dataset = dataset
+    self._apply_policy(skip_malformed)
+
+  def _num_raw(self):
+    return len(self._dataset)
+
+  def where(self, raw_index):
+    return f"hf {self._name}:row {raw_index}"
+
+  def _read(self, raw_index):
+    return _text_of(self._dataset[int(raw_index)], self._text_field)
+
+  def __repr__(self):
+    return f"HfSource({self._name}, len={len(self)})"
+
+
 def is_heldout(index, fraction):
   """Whether record ``index`` of a file source is held out for evaluation.
 
@@ -459,9 +534,11 @@ def build_source(data_cfg, split):
     return TfdsSource(data_cfg.tfds_name, tfds_split,
                       data_cfg.get("tfds_data_dir") or None, text_field,
                       skip_malformed=skip)
+  fraction = float(data_cfg.get("eval_fraction", 0.0) or 0.0)
+  if name == "hf":
+    return _hf_source(data_cfg, split, text_field, skip, fraction)
   kind = {"jsonl": JsonlSource, "parquet": ParquetSource,
           "array_record": ArrayRecordSource}[name]
-  fraction = float(data_cfg.get("eval_fraction", 0.0) or 0.0)
   if fraction and not list(data_cfg.get("eval_paths", ()) or ()):
     if not list(data_cfg.paths):
       raise ValueError(f"data.source={name!r} needs data.paths.")
@@ -474,3 +551,30 @@ def build_source(data_cfg, split):
     raise ValueError(f"data.source={name!r} needs data.eval_paths, or "
                      "data.eval_fraction to hold out part of data.paths.")
   return kind(paths, text_field, skip_malformed=skip)
+
+
+def _hf_source(data_cfg, split, text_field, skip, fraction):
+  """``source='hf'``: the train/eval split of ``data.hf_path``.
+
+  The eval split is ``data.hf_eval_split``; with ``data.eval_fraction`` set
+  (or a dataset of one split) it is carved from the train split instead, as
+  for file sources.
+  """
+  path = data_cfg.get("hf_path", "")
+  if not path:
+    raise ValueError("data.source='hf' needs data.hf_path (a save_to_disk "
+                     "or Hub-layout directory, or 'memory:NAME').")
+  dataset = _load_hf(path)
+  train_split = data_cfg.get("hf_train_split", "train")
+  eval_split = data_cfg.get("hf_eval_split", "test")
+  if split == "eval" and not fraction and not isinstance(
+      dataset.column_names, dict):
+    raise ValueError(f"data.hf_path={path!r} is one split with no "
+                     f"{eval_split!r}: set data.eval_fraction to hold out "
+                     "part of it.")
+  if fraction:
+    whole = HfSource(dataset, train_split, text_field, name=path,
+                     skip_malformed=skip)
+    return HeldoutSplit(whole, fraction, split)
+  return HfSource(dataset, train_split if split == "train" else eval_split,
+                  text_field, name=path, skip_malformed=skip)
