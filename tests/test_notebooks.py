@@ -86,3 +86,27 @@ def test_notebook_executes(name):
   for cell in tagged:
     images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1, (_figure_tags(cell), len(images))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_picks_the_runtime_accelerator_build(name):
+  """Colab TPU / GPU / CPU runtimes get alignax's tpu / cuda12 / no extra."""
+  nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+  source = nb.cells[1].source
+  assert source.startswith("# Installs alignax")
+  # Only the definitions: the install itself is skipped (alignax imports).
+  namespace = {}
+  exec(compile(source.split("\nif importlib.util.find_spec")[0], name,
+               "exec"), namespace)
+  pick = namespace["accelerator_extra"]
+  none = lambda *_: None
+  nothing = lambda _: []
+  assert pick({"COLAB_TPU_ADDR": "10.0.0.2:8470"}, none, nothing) == "tpu"
+  assert pick({}, none, lambda p: ["/dev/accel0"] if "accel" in p else []
+              ) == "tpu"  # a TPU VM runtime
+  assert pick({}, lambda _: "/usr/bin/nvidia-smi", nothing) == "cuda12"
+  assert pick({}, none, nothing) == ""
+  # The extras it names exist in setup.py.
+  setup = open(os.path.join(ROOT, "setup.py")).read()
+  assert '"tpu": [' in setup and '"cuda12": [' in setup
+  assert 'f"{checkout}[{extras}]"' in source
