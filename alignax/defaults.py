@@ -17,6 +17,7 @@ from alignax import sharding
 from alignax.data import sources
 from alignax.data import tasks
 from alignax.models import ModelConfig
+from alignax.models.config import LORA_TARGETS
 from alignax.objectives import contrastive
 
 
@@ -101,14 +102,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.mode = "online"  # online | offline (sync later with `wandb sync`) | disabled
   c.wandb.tags = ()  # run tags
 
-
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 100  # steps between checkpoints
   c.checkpoint.keep = 2  # checkpoints kept
   c.checkpoint.async_save = True  # write in the background
   c.checkpoint.init_from = ""  # start a new run from these parameters (workdir/step dir)
 
-  c.reference = "none"  # none | frozen: the policy's starting params as a frozen model
+  c.reference = "none"  # none | frozen: the policy's starting params as a frozen model | base: the policy with its LoRA adapters off (needs lora.enabled; no copy)
+
+  c.lora = ml_collections.ConfigDict()  # LoRA adapters (alignax.models.lora): only they and any head are trained, the base is frozen
+  c.lora.enabled = False  # add adapters to the targeted kernels
+  c.lora.rank = 8  # adapter rank r
+  c.lora.alpha = 16.0  # adapters add (alpha / r) x A B (rslora: alpha / sqrt(r))
+  c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
 
   c.preference = ml_collections.ConfigDict()  # preference objectives (dpo, lipo, kto, ...)
   c.preference.beta = 0.1  # inverse temperature of the implicit reward beta*log(pi/pi_ref)
@@ -224,6 +231,8 @@ VALUE_CHECKS = {
     "checkpoint.save_every": (_positive_int, "an integer > 0"),
     "checkpoint.keep": (_positive_int, "an integer > 0"),
     "preference.beta": (_positive, "a finite number > 0"),
+    "lora.rank": (_positive_int, "an integer > 0"),
+    "lora.alpha": (_positive, "a finite number > 0"),
     "preference.label_smoothing": (_fraction, "in [0, 1)"),
     "preference.sft_weight": (_non_negative, "a finite number >= 0"),
     "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
@@ -236,7 +245,7 @@ VALUE_CHECKS = {
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip"),
-    "reference": ("none", "frozen"),
+    "reference": ("none", "frozen", "base"),
     "data.source": sources.SOURCES,
     "tokenizer.kind": ("sentencepiece", "hf"),
     "optimizer.name": ("adamw",),
@@ -302,6 +311,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError(f"config.train.seq_len={t.seq_len} exceeds "
                      f"config.model.max_seq_len={c.model.max_seq_len}")
   p, dp = c.preference, c.data.preference
+  _validate_lora(c)
   if p.cache_reference and c.reference == "frozen":
     raise ValueError("config.preference.cache_reference=True replaces the frozen "
                      "reference: set config.reference='none'")
@@ -312,6 +322,23 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError(f"config.data.preference.list_size={dp.list_size} must be "
                      f">= 2 and groups_per_row={dp.groups_per_row} >= 1")
   _validate_contrastive(c, batch_ways)
+
+
+def _validate_lora(c: ml_collections.ConfigDict) -> None:
+  """``config.lora`` and ``config.reference='base'`` checks."""
+  if c.reference == "base" and not c.lora.enabled:
+    raise ValueError("config.reference='base' is the policy with its LoRA "
+                     "adapters switched off: set config.lora.enabled=True "
+                     "(or use reference='frozen')")
+  if c.reference == "base" and c.preference.cache_reference:
+    raise ValueError("config.preference.cache_reference=True replaces the "
+                     "base reference: set config.reference='none'")
+  targets = tuple(c.lora.targets)
+  unknown = sorted(set(targets) - set(LORA_TARGETS))
+  if c.lora.enabled and (not targets or unknown):
+    raise ValueError(f"config.lora.targets={targets} must name one or more of "
+                     f"{list(LORA_TARGETS)}"
+                     + (f"; unknown: {unknown}" if unknown else ""))
 
 
 def _validate_contrastive(c: ml_collections.ConfigDict, batch_ways: int) -> None:

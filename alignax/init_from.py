@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax import traverse_util
 
 from alignax import checkpoint as ckpt_lib
 from alignax import sharding as shd
@@ -76,7 +77,11 @@ def load_init_params(source: str, target, *, mesh, rules,
     _, loaded = hf.load_hf(source, mesh=mesh, rules=rules,
                            param_dtype=jax.numpy.dtype(dtype).name,
                            vocab_size=vocab_size)
-    params = {k: loaded.get(k, v) for k, v in target.items()}
+    # Leaf by leaf: LoRA adapters inside the loaded groups stay missing.
+    flat = traverse_util.flatten_dict(loaded)
+    params = traverse_util.unflatten_dict({
+        k: flat.get(k, v)
+        for k, v in traverse_util.flatten_dict(target).items()})
   else:
     params = ckpt_lib.load_params(source, target)
   is_missing = lambda x: isinstance(x, jax.ShapeDtypeStruct)

@@ -8,6 +8,7 @@ the model ever lands on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from alignax import sharding as shd
 from alignax.models import ModelConfig, Transformer
+from alignax.models import lora
 
 
 @flax.struct.dataclass
@@ -30,7 +32,9 @@ class TrainState:
   Attributes:
     step: int32 scalar, number of optimizer steps taken.
     params: pure nested dict of fp32 arrays (``nnx.to_pure_dict`` layout).
-    opt_state: optax state for ``params``.
+    opt_state: optax state for ``lora.trainable(params)``: all of ``params``,
+      or with LoRA adapters only the adapters (and any head), the base
+      being frozen.
     rng: uint32 ``[2]`` key, split once per step.
     loss_scale: float32 scalar; 1 unless dynamic loss scaling is on (fp16).
     good_steps: int32 scalar, finite steps since the scale last changed.
@@ -59,6 +63,17 @@ def build_model_config(model_cfg: Mapping[str, Any], tokenizer) -> ModelConfig:
     raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is "
                      f"smaller than the tokenizer's {tokenizer.vocab_size} ids")
   return ModelConfig(**fields)
+
+
+def apply_lora_config(model_cfg: ModelConfig,
+                      lora_cfg: Mapping[str, Any] | None) -> ModelConfig:
+  """``model_cfg`` with the adapters of ``config.lora`` (if enabled)."""
+  if not lora_cfg or not lora_cfg["enabled"]:
+    return model_cfg
+  return dataclasses.replace(
+      model_cfg, lora_rank=int(lora_cfg["rank"]),
+      lora_alpha=float(lora_cfg["alpha"]), lora_rslora=bool(lora_cfg["rslora"]),
+      lora_targets=tuple(lora_cfg["targets"]))
 
 
 def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -111,6 +126,11 @@ def init_params(model_cfg: ModelConfig, seed, build=None) -> dict:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def init_opt_state(optimizer, params):
+  """Optimizer state of the trainable part of ``params`` (``lora.trainable``)."""
+  return optimizer.init(lora.trainable(params))
+
+
 def fill_missing(restored, fresh):
   """``restored`` params; leaves the checkpoint lacked come from ``fresh``.
 
@@ -136,13 +156,13 @@ def state_shardings(params_sharding, optimizer, mesh: Mesh, params_shape,
   """Shardings of a ``TrainState`` whose params are sharded as given.
 
   Optimizer moments follow their parameter (``optax.tree_map_params``);
-  counters, the rng and ``extras`` (a tree of arrays or shapes) are
-  replicated.
+  only trainable parameters have them (``lora.trainable``). Counters, the
+  rng and ``extras`` (a tree of arrays or shapes) are replicated.
   """
   rep = shd.replicated(mesh)
-  opt_shape = jax.eval_shape(optimizer.init, params_shape)
+  opt_shape = jax.eval_shape(optimizer.init, lora.trainable(params_shape))
   opt_sharding = optax.tree_map_params(
-      optimizer, lambda _, s: s, opt_shape, params_sharding,
+      optimizer, lambda _, s: s, opt_shape, lora.trainable(params_sharding),
       transform_non_params=lambda _: rep,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=rep, params=params_sharding, opt_state=opt_sharding,
@@ -168,7 +188,8 @@ def create_train_state(model_cfg: ModelConfig, optimizer, mesh: Mesh, rules,
   def init(seed):
     params = init_params(model_cfg, seed, build)
     return TrainState(
-        step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+        step=jnp.int32(0), params=params,
+        opt_state=init_opt_state(optimizer, params),
         rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
         loss_scale=jnp.float32(init_loss_scale), good_steps=jnp.int32(0),
         extras=extras)
@@ -188,7 +209,7 @@ def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
   params_shape = nnx.to_pure_dict(abstract)
   shapes = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
-      opt_state=jax.eval_shape(optimizer.init, params_shape),
+      opt_state=jax.eval_shape(optimizer.init, lora.trainable(params_shape)),
       rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
       loss_scale=jax.ShapeDtypeStruct((), jnp.float32),
       good_steps=jax.ShapeDtypeStruct((), jnp.int32),

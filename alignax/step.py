@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from alignax import sharding as shd
+from alignax.models import lora
 from alignax.state import TrainState
 
 
@@ -67,10 +68,15 @@ def _extras_kwarg(extras):
 
 
 def make_grad_fn(objective, graphdef, *, microbatches: int = 1, mesh=None):
-  """``(params, batch, rng, frozen, scale) -> (grads_sum, loss_count, metrics)``."""
+  """``(params, batch, rng, frozen, scale) -> (grads_sum, loss_count, metrics)``.
 
-  def loss_fn(params, batch, rng, frozen, scale, extras):
-    model = nnx.merge(graphdef, params)
+  Gradients are taken for ``lora.trainable(params)`` only: with LoRA
+  adapters the frozen base is an input of the loss but not differentiated,
+  so no full-size weight gradient is ever computed.
+  """
+
+  def loss_fn(train, fixed, batch, rng, frozen, scale, extras):
+    model = nnx.merge(graphdef, lora.merge_trainable(train, fixed))
     loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen,
                                            **_extras_kwarg(extras))
     return loss_sum * scale, (count, metrics)
@@ -78,20 +84,21 @@ def make_grad_fn(objective, graphdef, *, microbatches: int = 1, mesh=None):
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def accumulate(params, batch, rng, frozen, scale, extras=None):
+    params, fixed = lora.split_trainable(params)
     if microbatches == 1:
-      grads, (count, metrics) = grad_fn(params, batch, rng, frozen, scale,
-                                        extras)
+      grads, (count, metrics) = grad_fn(params, fixed, batch, rng, frozen,
+                                        scale, extras)
       return grads, count, metrics
     micro = _split_microbatches(batch, microbatches, mesh)
     rngs = jax.random.split(rng, microbatches)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, params, first, rngs[0], frozen, scale,
-                            extras)
+    shapes = jax.eval_shape(grad_fn, params, fixed, first, rngs[0], frozen,
+                            scale, extras)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
     def body(carry, xs):
       mb, r = xs
-      grads, aux = grad_fn(params, mb, r, frozen, scale, extras)
+      grads, aux = grad_fn(params, fixed, mb, r, frozen, scale, extras)
       return _add(carry, (grads, aux)), None
 
     (grads, (count, metrics)), _ = jax.lax.scan(body, zeros, (micro, rngs))
@@ -119,8 +126,10 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
 
   ``metrics`` maps names to ``(sum, count)``; the objective's metrics plus
   ``grad_norm``, ``param_norm``, ``update_norm``, ``lr``, ``loss_scale`` and
-  ``nonfinite`` (1 when the update was dropped). With a ``mesh`` the model's
-  activations are constrained by ``rules`` (``sharding.activation_sharding``).
+  ``nonfinite`` (1 when the update was dropped); the norms are over the
+  trainable parameters (``lora.trainable``: the adapters under LoRA). With
+  a ``mesh`` the model's activations are constrained by ``rules``
+  (``sharding.activation_sharding``).
   """
   grads_of = make_grad_fn(objective, graphdef, microbatches=microbatches, mesh=mesh)
   update_extras = getattr(objective, "update_extras", lambda e, _: e)
@@ -132,8 +141,9 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
                                      state.extras)
     # d(sum)/count = d(mean): exact for any split into microbatches.
     grads = jax.tree.map(lambda g: g / (scale * jnp.maximum(count, 1e-9)), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    old, fixed = lora.split_trainable(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, old)
+    params = optax.apply_updates(old, updates)
     extras = update_extras(state.extras, metrics)
     finite = (all_finite(grads) & jnp.isfinite(metrics["loss"][0])
               & all_finite((params, opt_state, extras)))
@@ -141,7 +151,7 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
     new_scale, good = _next_loss_scale(state, finite, loss_scale)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
+        params=lora.merge_trainable(keep(params, old), fixed),
         opt_state=keep(opt_state, state.opt_state),
         rng=rng, loss_scale=new_scale, good_steps=good,
         extras=keep(extras, state.extras))
@@ -149,7 +159,7 @@ def make_train_step(objective, graphdef, optimizer, schedule=None, *,
     metrics = dict(metrics)
     metrics.update(
         grad_norm=(optax.tree.norm(grads), one),
-        param_norm=(optax.tree.norm(state.params), one),
+        param_norm=(optax.tree.norm(old), one),
         update_norm=(optax.tree.norm(updates), one),
         nonfinite=((~finite).astype(jnp.float32), one),
         loss_scale=(state.loss_scale, one))

@@ -59,7 +59,8 @@ class Trainer:
     defaults.validate(config, num_devices=self.mesh.size,
                       batch_ways=self.batch_ways)
     self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-    self.model_cfg = state_lib.build_model_config(config.model, self.tokenizer)
+    self.model_cfg = state_lib.apply_lora_config(
+        state_lib.build_model_config(config.model, self.tokenizer), config.lora)
     self.optimizer, self.schedule = state_lib.build_optimizer(
         config.optimizer, config.optimizer.schedule_steps or config.train.steps)
     # None = the plain Transformer; embedding and reward objectives add a head.
@@ -126,7 +127,7 @@ class Trainer:
     params = init_from.load_init_params(
         path, target, mesh=self.mesh, rules=self.config.sharding_rules,
         fresh=self.state.params)
-    opt_state = jax.jit(self.optimizer.init,
+    opt_state = jax.jit(lambda p: state_lib.init_opt_state(self.optimizer, p),
                         out_shardings=self.shardings.opt_state)(params)
     self.state = self.state.replace(params=params, opt_state=opt_state)
 
@@ -267,7 +268,7 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
   c = trainer.config.train
   is_main = jax.process_index() == 0
   flops_per_token = trainer.model_cfg.flops_per_token(c.seq_len)
-  if trainer.frozen is not None:
+  if trainer.frozen is not None or trainer.config.reference == "base":
     # The frozen reference runs one more forward pass per token: forward is
     # a third of the forward + backward FLOPs that flops_per_token counts.
     flops_per_token = flops_per_token * 4 / 3

@@ -70,6 +70,7 @@ from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf_config
 from alignax.interop import hf_tokenizer
 from alignax.models import ModelConfig
+from alignax.models.config import ADAPTER_FIELDS
 
 MODEL_CONFIG_FILE = ckpt_lib.MODEL_CONFIG_FILE
 # Files copied next to an export so that it is a complete HF directory.
@@ -386,7 +387,7 @@ def run_config(config):
     c.data.preference.chat_template = path  # chat records: the model's own
   needed = tok_lib.load_hf_tokenizer(c.tokenizer.path, 0).vocab_size
   for field in dataclasses.fields(ModelConfig):
-    if field.name not in RUN_FIELDS:
+    if field.name not in RUN_FIELDS + ADAPTER_FIELDS:
       c.model[field.name] = getattr(cfg, field.name)
   c.model.vocab_size = max(cfg.vocab_size, needed)
   if cfg.attention == 'einsum':  # soft-capped attention (Gemma 2)
@@ -568,7 +569,7 @@ def config_flags(cfg: ModelConfig) -> list[str]:
   flags = []
   for field in dataclasses.fields(ModelConfig):
     value = getattr(cfg, field.name)
-    if value is None or value == field.default:
+    if value is None or value == field.default or field.name in ADAPTER_FIELDS:
       continue
     if isinstance(value, (tuple, list)):
       value = '(' + ','.join(map(str, value)) + (',)' if len(value) == 1

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignax.models import ModelConfig
+from alignax.models.config import ADAPTER_FIELDS
 
 # model_type -> the *ForCausalLM class whose tensor names we read.
 FAMILIES = {
@@ -275,7 +276,7 @@ def _check_round_trip(cfg, hf, model_type):
   """Raises unless reading ``hf`` back gives ``cfg`` (family can hold it)."""
   back = model_config_from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               max_seq_len=cfg.max_seq_len)
-  ignore = ('attention', 'attention_impl', 'remat')
+  ignore = ('attention', 'attention_impl', 'remat') + ADAPTER_FIELDS
   for field in dataclasses.fields(ModelConfig):
     a, b = getattr(cfg, field.name), getattr(back, field.name)
     if field.name == 'attn_scale':  # 0 means the default 1 / sqrt(Dh)

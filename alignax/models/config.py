@@ -27,6 +27,12 @@ MLP_ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
 # ``ModelConfig.rope_scaling``: how RoPE frequencies are stretched for
 # contexts longer than pretraining ('llama3' is Llama 3.1's).
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
+# ``ModelConfig.lora_targets``: kernels that can carry a LoRA adapter
+# (``alignax.models.lora.TARGETS``).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# Fields set from the run config's ``lora`` block, not mirrored in
+# ``config.model`` (code that copies fields between them skips these).
+ADAPTER_FIELDS = ('lora_rank', 'lora_alpha', 'lora_rslora', 'lora_targets')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +85,13 @@ class ModelConfig:
     scan_layers: keep the layer loop a loop in the compiled program (one
       block compiled); False unrolls it (MaxText's ``scan_layers=False``):
       longer compiles, and XLA's cost analysis then counts every layer.
+    lora_rank: rank ``r`` of the LoRA adapters (``alignax.models.lora``);
+      0 = no adapters.
+    lora_alpha: LoRA scale numerator: adapters add ``alpha / r`` (rsLoRA:
+      ``alpha / sqrt(r)``) times ``x A B``.
+    lora_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+    lora_targets: kernels that get adapters, names from
+      ``alignax.models.lora.TARGETS`` (q, k, v, o, gate, up, down).
   """
   vocab_size: int
   d_model: int
@@ -112,6 +125,10 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   scan_layers: bool = True
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_rslora: bool = False
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
@@ -163,6 +180,26 @@ class ModelConfig:
     if self.rope_scaling != 'none' and self.rope_factor <= 0:
       raise ValueError(
           f'ModelConfig.rope_factor={self.rope_factor} must be > 0.')
+    self._check_lora()
+
+  def _check_lora(self):
+    """Validates the adapter fields (see ``alignax.models.lora``)."""
+    targets = tuple(str(t) for t in self.lora_targets)
+    object.__setattr__(self, 'lora_targets', targets)  # JSON gives lists
+    if isinstance(self.lora_rank, bool) or not isinstance(
+        self.lora_rank, int) or self.lora_rank < 0:
+      raise ValueError(f'ModelConfig.lora_rank={self.lora_rank!r} must be an '
+                       'integer >= 0 (0 = no adapters).')
+    if not self.lora_rank:
+      return
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if not targets or unknown:
+      raise ValueError(
+          f'ModelConfig.lora_targets={targets} must name one or more of '
+          f'{list(LORA_TARGETS)}' + (f'; unknown: {unknown}' if unknown else ''))
+    if not self.lora_alpha > 0:
+      raise ValueError(
+          f'ModelConfig.lora_alpha={self.lora_alpha!r} must be > 0.')
 
   def num_params(self) -> int:
     """Exact number of parameters of the model built from this config."""
@@ -175,7 +212,18 @@ class ModelConfig:
       vectors += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
     per_layer = self._matmul_params_per_layer() + vectors
     lm_head = 0 if self.tie_embeddings else d * v
-    return v * d + self.n_layers * per_layer + d + lm_head
+    return (v * d + self.n_layers * (per_layer + self._lora_params_per_layer())
+            + d + lm_head)
+
+  def _lora_params_per_layer(self) -> int:
+    """``r * (fan_in + fan_out)`` per adapted kernel."""
+    if not self.lora_rank:
+      return 0
+    d, f = self.d_model, self.d_ff
+    q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    fans = dict(q=d + q, k=d + kv, v=d + kv, o=q + d, gate=d + f, up=d + f,
+                down=f + d)
+    return self.lora_rank * sum(fans[t] for t in self.lora_targets)
 
   def flops_per_token(self, seq_len: int) -> int:
     r"""Training FLOPs (forward + backward) per token, PaLM appendix B.

@@ -14,6 +14,7 @@ from flax import nnx
 
 from alignax import sharding
 from alignax.models import attention
+from alignax.models import lora
 # Re-exported: the mask's definition lives next to the blockwise attention.
 from alignax.models.attention import make_attention_mask  # noqa: F401
 from alignax.models.config import ModelConfig
@@ -220,6 +221,12 @@ class Attention(nnx.Module):
                                ('embed', 'kv_heads', 'head_dim'), pdt)
     self.o = partitioned_param(rngs, out_init, (h, dh, d),
                                ('heads', 'head_dim', 'embed'), pdt)
+    lora.make_adapters(self, lora.spec_of(cfg), {
+        'q': ((d, h, dh), ('embed', 'heads', 'head_dim'), 1),
+        'k': ((d, kv, dh), ('embed', 'kv_heads', 'head_dim'), 1),
+        'v': ((d, kv, dh), ('embed', 'kv_heads', 'head_dim'), 1),
+        'o': ((h, dh, d), ('heads', 'head_dim', 'embed'), 2),
+    }, param_dtype=pdt, rngs=rngs)
     if cfg.qkv_bias:
       self.q_bias = partitioned_param(rngs, _init.zeros, (h, dh),
                                       ('heads', 'head_dim'), pdt)
@@ -294,6 +301,9 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dhk->bthk', x, self.q[...].astype(self.dtype))
     k = jnp.einsum('btd,dhk->bthk', x, self.k[...].astype(self.dtype))
     v = jnp.einsum('btd,dhk->bthk', x, self.v[...].astype(self.dtype))
+    q = lora.add(self, 'q', q, x, self.dtype)
+    k = lora.add(self, 'k', k, x, self.dtype)
+    v = lora.add(self, 'v', v, x, self.dtype)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(self.dtype)
       k = k + self.k_bias[...].astype(self.dtype)
@@ -323,7 +333,8 @@ class Attention(nnx.Module):
                             softcap=self.cfg.attn_logit_softcap)
 
   def _output(self, out):
-    return jnp.einsum('bthk,hkd->btd', out, self.o[...].astype(self.dtype))
+    y = jnp.einsum('bthk,hkd->btd', out, self.o[...].astype(self.dtype))
+    return lora.add(self, 'o', y, out, self.dtype)
 
 
 _ACTIVATIONS = {
@@ -343,7 +354,8 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs, activation: str = 'silu'):
+               rngs: nnx.Rngs, activation: str = 'silu',
+               adapters: lora.LoraSpec | None = None):
     init = _init.lecun_normal()
     self.gate = partitioned_param(rngs, init, (dim, hidden), ('embed', 'mlp'),
                                   param_dtype)
@@ -351,12 +363,20 @@ class MLP(nnx.Module):
                                 param_dtype)
     self.down = partitioned_param(rngs, init, (hidden, dim), ('mlp', 'embed'),
                                   param_dtype)
+    lora.make_adapters(self, adapters, {
+        'gate': ((dim, hidden), ('embed', 'mlp'), 1),
+        'up': ((dim, hidden), ('embed', 'mlp'), 1),
+        'down': ((hidden, dim), ('mlp', 'embed'), 1),
+    }, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    gate = x @ self.gate[...].astype(self.dtype)  # [B, T, F]
-    up = x @ self.up[...].astype(self.dtype)
-    act = _ACTIVATIONS[self.activation]
-    return (act(gate) * up) @ self.down[...].astype(self.dtype)
+    gate = lora.add(self, 'gate', x @ self.gate[...].astype(self.dtype), x,
+                    self.dtype)  # [B, T, F]
+    up = lora.add(self, 'up', x @ self.up[...].astype(self.dtype), x,
+                  self.dtype)
+    hidden = _ACTIVATIONS[self.activation](gate) * up
+    return lora.add(self, 'down', hidden @ self.down[...].astype(self.dtype),
+                    hidden, self.dtype)

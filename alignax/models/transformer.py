@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax import sharding
-from alignax.models import attention, layers
+from alignax.models import attention, layers, lora
 from alignax.models.config import REMAT_POLICIES, ModelConfig
 
 # Logical name of the stacked-layers axis that nnx.vmap / nnx.scan prepend to
@@ -38,7 +38,8 @@ class Block(nnx.Module):
     self.attn = layers.Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.mlp = layers.MLP(cfg.d_model, cfg.d_ff, dtype=dtype, param_dtype=pdt,
-                          rngs=rngs, activation=cfg.mlp_activation)
+                          rngs=rngs, activation=cfg.mlp_activation,
+                          adapters=lora.spec_of(cfg))
     if cfg.post_norms:
       self.post_attn_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
       self.post_mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)

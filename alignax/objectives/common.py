@@ -8,10 +8,12 @@ reward objectives read the packed batches of
 row regroup into ``[B * G, K]`` examples (:class:`Lists`), and pairs are the
 ``K = 2`` case (:class:`Pairs`: slot 0 chosen, slot 1 rejected).
 
-The reference model is either the frozen starting parameters passed to the
+The reference model is the frozen starting parameters passed to the
 step (``config.reference='frozen'``: rebuilt with ``nnx.merge`` under
-``stop_gradient``) or log-probs precomputed into the batch
-(``config.preference.cache_reference``: :mod:`alignax.reference`).
+``stop_gradient``), the policy's own base model with its LoRA adapters
+switched off (``config.reference='base'``: same arrays, no copy), or
+log-probs precomputed into the batch (``config.preference.cache_reference``:
+:mod:`alignax.reference`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax import policy
+from alignax.models import lora
 
 Array = jax.Array
 
@@ -57,15 +60,15 @@ def check_format(config, *formats) -> None:
 
 
 def reference_mode(config, needs_reference: bool = True) -> str:
-  """``'frozen'``, ``'cached'`` or ``'none'``, from the config.
+  """``'frozen'``, ``'base'``, ``'cached'`` or ``'none'``, from the config.
 
   ``cache_reference=True`` without a filled cache means the run did not go
   through ``train.run`` (which fills it first, see :mod:`alignax.reference`).
   """
   if not needs_reference:
     return "none"
-  if config.reference == "frozen":
-    return "frozen"
+  if config.reference in ("frozen", "base"):
+    return config.reference
   if config.data.preference.reference_cache:
     return "cached"
   if config.preference.cache_reference:
@@ -110,7 +113,11 @@ def slot_logps(model, batch, *, chunk_size=None):
 
 
 def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None):
-  """Reference log-probs ``[B, S]``: live from ``frozen``, cached, or 0."""
+  """Reference log-probs ``[B, S]``: live from ``frozen`` or from the base
+  model under the adapters (``'base'``), cached, or 0."""
+  if reference == "base":
+    return jax.lax.stop_gradient(slot_logps(
+        lora.without_adapters(model), batch, chunk_size=chunk_size)[0])
   if reference == "frozen":
     if frozen is None:
       raise ValueError("reference='frozen' but the step got no frozen "
