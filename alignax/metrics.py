@@ -166,14 +166,15 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
-      if resume_step:
-        truncate_jsonl(path, resume_step)
+      # A run starting at step 0 in a workdir whose earlier run died before
+      # its first checkpoint logs every step again: drop them all.
+      truncate_jsonl(path, resume_step if resume_step else -1)
       self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter  # heavy import, process 0 only
       # purge_step hides the events at or past it that an earlier run wrote.
       self._tb = SummaryWriter(os.path.join(workdir, "tb"),
                                purge_step=resume_step + 1 if resume_step
-                               else None)
+                               else 0)
       if wandb_cfg is not None and wandb_cfg.project:
         self._wandb = _wandb_run(workdir, wandb_cfg, config, resume_step)
 
