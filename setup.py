@@ -30,7 +30,9 @@ EXTRAS_REQUIRE = {
     "wandb": ["wandb==0.31.0"],  # config.wandb.project
     # torch 2.13.0 CPU lies on disk; pip takes it from there.
     # datasets: data.source='hf' (save_to_disk and Hub-layout directories).
-    "hf": ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0"],
+    # peft: the LoRA adapter export is checked by loading it with peft.
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0",
+           "peft==0.21.2"],
     "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0", "ipykernel==7.4.0",
                   "nbformat==5.11.1"],
     # libtpu (0.0.42.*, jax's own pin): Cloud TPU VMs, and --compile_for on

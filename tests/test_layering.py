@@ -15,7 +15,7 @@ LAYERS = (
      "interop", "interop.hf_config", "cli"),
     ("data",),
     ("state",),
-    ("step", "interop.hf"),
+    ("step", "interop.hf", "interop.peft"),
     ("init_from",),
     ("objectives", "retrieval"),
     ("reference", "defaults"),

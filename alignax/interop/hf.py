@@ -70,6 +70,7 @@ from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf_config
 from alignax.interop import hf_tokenizer
 from alignax.models import ModelConfig
+from alignax.models import lora
 from alignax.models.config import ADAPTER_FIELDS
 
 MODEL_CONFIG_FILE = ckpt_lib.MODEL_CONFIG_FILE
@@ -436,12 +437,16 @@ def export_hf(directory: str, cfg: ModelConfig, params: Mapping, *,
   Args:
     directory: output directory (created).
     cfg: the model's config.
-    params: pure dict of parameters (``TrainState.params``).
+    params: pure dict of parameters (``TrainState.params``); LoRA
+      adapters (``cfg.lora_rank > 0``) are merged into their kernels.
     model_type: a key of ``hf_config.FAMILIES``; default inferred from cfg.
     dtype: tensor dtype written (``'bfloat16'``, ...); default the params'.
     base_config: original ``config.json`` whose other fields are kept.
     copy_from: directory whose tokenizer/generation files are copied over.
   """
+  if cfg.lora_rank:  # LoRA adapters are merged: a plain HF model
+    params = lora.merge_into_base(params, lora.spec_of(cfg))
+    cfg = dataclasses.replace(cfg, lora_rank=0)
   dtype = dtype or str(jax.tree.leaves(params)[0].dtype)
   if dtype not in _SAFETENSORS_DTYPES:
     raise ValueError(f'dtype={dtype!r} is not one of '
@@ -549,9 +554,17 @@ def _export_params(workdir: str, cfg: ModelConfig, mesh=None):
   (ids reserved past the tokenizer's) is cut back to ``cfg.vocab_size``."""
   recorded = ckpt_lib.read_model_config(workdir)
   grown = recorded and recorded['vocab_size'] > cfg.vocab_size
-  params = load_checkpoint_params(
-      workdir, dataclasses.replace(cfg, vocab_size=recorded['vocab_size'])
-      if grown else cfg, mesh=mesh)
+  if recorded and recorded.get('lora_rank'):  # the run's adapters, merged
+    adapters = {f: recorded[f] for f in ADAPTER_FIELDS}
+    params = load_checkpoint_params(
+        workdir, dataclasses.replace(cfg, vocab_size=recorded['vocab_size'],
+                                     **adapters), mesh=mesh)
+    cfg_adapters = ModelConfig(**recorded)
+    params = lora.merge_into_base(params, lora.spec_of(cfg_adapters))
+  else:
+    params = load_checkpoint_params(
+        workdir, dataclasses.replace(cfg, vocab_size=recorded['vocab_size'])
+        if grown else cfg, mesh=mesh)
   if grown:
     v = cfg.vocab_size
     params = dict(params, embed={'embedding': params['embed']['embedding'][:v]})

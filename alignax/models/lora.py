@@ -210,3 +210,30 @@ def merge_trainable(train, frozen):
   flat = traverse_util.flatten_dict(frozen)
   flat.update(traverse_util.flatten_dict(train))
   return traverse_util.unflatten_dict(flat)
+
+
+# --- merging: W + s A B --------------------------------------------------------
+
+
+def merge_into_base(params, spec: LoraSpec):
+  """The base params with every adapter folded in, ``W + s A B``; no adapters.
+
+  Kernels of stacked blocks carry a leading ``[L]`` axis, as do their
+  adapters. The sum is taken in float32 and cast to the kernel's dtype.
+  """
+  flat = traverse_util.flatten_dict(params)
+  out = {k: v for k, v in flat.items() if not is_adapter_path(k)}
+  for key in [k for k in flat if is_adapter_path(k) and k[-1] == 'a']:
+    kernel = key[:-2] + (key[-2].removesuffix(SUFFIX),)
+    a, b, w = flat[key], flat[key[:-1] + ('b',)], out[kernel]
+    # Blocks are stacked on a leading [L] axis (nnx.vmap), adapters too.
+    delta = adapter_delta(a, b, spec.scale, stacked=key[0] == 'blocks')
+    out[kernel] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def adapter_delta(a, b, scale: float, *, stacked: bool) -> jax.Array:
+  """``s A B`` (float32), per layer when ``stacked`` (leading ``[L]`` axis)."""
+  prod = lambda a, b: scale * jnp.tensordot(
+      a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+  return jax.vmap(prod)(a, b) if stacked else prod(a, b)

@@ -1,0 +1,132 @@
+"""LoRA adapters as a PEFT adapter directory, and the merged model.
+
+``export_peft`` writes what ``peft.PeftModel.from_pretrained(base, DIR)``
+loads onto the Hugging Face base model: ``adapter_config.json`` (``r``,
+``lora_alpha``, ``use_rslora``, ``target_modules``) and
+``adapter_model.safetensors`` with, per layer and target,
+``base_model.model.model.layers.{i}.<module>.lora_A.weight`` ``[r, in]`` and
+``lora_B.weight`` ``[out, r]`` (torch ``Linear`` layout). alignax's adapter
+``A [in..., r]`` / ``B [r, out...]`` flatten their multi-axis sides in the
+same row-major order as the kernels' HF layout (``[N * Dh]`` heads), so the
+conversion is a reshape and a transpose. PEFT adds
+``scaling * B (A x)`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
+``use_rslora``): exactly ``alignax.models.lora``'s update.
+
+The merged model (``W + s A B``, a plain HF directory) is written by
+``python -m alignax.interop.hf export``, which folds adapters in.
+
+Run:
+  python -m alignax.interop.peft export WORKDIR OUT_DIR [--base=HF_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from alignax import cli
+from alignax.interop import hf
+from alignax.models import ModelConfig
+from alignax.models import lora
+
+# alignax kernel -> the HF Llama-family module it adapts.
+HF_MODULES = {
+    'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj',
+    'o': 'self_attn.o_proj', 'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj',
+    'down': 'mlp.down_proj',
+}
+_GROUP = {'q': 'attn', 'k': 'attn', 'v': 'attn', 'o': 'attn', 'gate': 'mlp',
+          'up': 'mlp', 'down': 'mlp'}
+PREFIX = 'base_model.model.model.layers.{i}.'
+
+
+def adapter_config(cfg: ModelConfig, base_model: str = '') -> dict:
+  """PEFT's ``LoraConfig`` as ``adapter_config.json`` holds it."""
+  return {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
+      'base_model_name_or_path': base_model or None,
+      'r': cfg.lora_rank, 'lora_alpha': cfg.lora_alpha,
+      'use_rslora': cfg.lora_rslora, 'lora_dropout': 0.0, 'bias': 'none',
+      'fan_in_fan_out': False, 'inference_mode': True,
+      'init_lora_weights': True, 'modules_to_save': None,
+      'target_modules': sorted(HF_MODULES[t].split('.')[-1]
+                               for t in cfg.lora_targets),
+  }
+
+
+def peft_tensors(cfg: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
+  """HF-named ``lora_A`` ``[r, in]`` / ``lora_B`` ``[out, r]`` per layer."""
+  out = {}
+  for target in cfg.lora_targets:
+    adapter = params['blocks'][_GROUP[target]][target + lora.SUFFIX]
+    a = np.asarray(hf._to_host(adapter['a']), np.float32)  # [L, in..., r]
+    b = np.asarray(hf._to_host(adapter['b']), np.float32)  # [L, r, out...]
+    for i in range(cfg.n_layers):
+      name = PREFIX.format(i=i) + HF_MODULES[target]
+      out[name + '.lora_A.weight'] = a[i].reshape(-1, cfg.lora_rank).T
+      out[name + '.lora_B.weight'] = b[i].reshape(cfg.lora_rank, -1).T
+  return out
+
+
+def export_peft(directory: str, cfg: ModelConfig, params: Mapping, *,
+                base_model: str = '', dtype: str = 'float32') -> None:
+  """Writes ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+  Every process must call it (adapters may be sharded across hosts);
+  process 0 writes.
+  """
+  if not cfg.lora_rank:
+    raise ValueError('the model has no LoRA adapters (lora_rank=0): export '
+                     'the full model with python -m alignax.interop.hf export')
+  unknown = set(cfg.lora_targets) - set(HF_MODULES)
+  if unknown:
+    raise ValueError(f'no PEFT module name for targets {sorted(unknown)}')
+  tensors = peft_tensors(cfg, params)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'adapter_config.json'), 'w') as f:
+    json.dump(adapter_config(cfg, base_model), f, indent=2)
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v.astype(dtype))
+             for k, v in tensors.items()},
+            os.path.join(directory, 'adapter_model.safetensors'),
+            metadata={'format': 'pt'})
+
+
+def export_run(workdir: str, out_dir: str, *, base_model: str = '') -> None:
+  """The adapters of a LoRA run's latest checkpoint as a PEFT directory."""
+  cfg = hf.read_model_config(hf.run_dir(workdir))
+  params = hf.load_checkpoint_params(workdir, cfg)
+  export_peft(out_dir, cfg, params, base_model=base_model)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``export WORKDIR OUT_DIR [--base=HF_DIR]``."""
+  parser = argparse.ArgumentParser(prog='python -m alignax.interop.peft')
+  parser.add_argument('--debug', action='store_true',
+                      help='full traceback of a user error')
+  sub = parser.add_subparsers(dest='command', required=True)
+  exp = sub.add_parser('export', help='LoRA run -> PEFT adapter directory')
+  exp.add_argument('workdir', help='a run workdir, checkpoints/ or step dir')
+  exp.add_argument('out_dir')
+  exp.add_argument('--base', default='',
+                   help='recorded as base_model_name_or_path (the HF base)')
+  args = parser.parse_args(argv)
+  try:
+    export_run(args.workdir, args.out_dir, base_model=args.base)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or not cli.is_user_error(e):
+      raise
+    cli.fail(cli.one_line(e))
+  print(f'wrote {args.out_dir}; load it with peft.PeftModel.from_pretrained('
+        'base_model, out_dir)')
+
+
+if __name__ == '__main__':
+  main()
