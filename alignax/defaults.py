@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.alpha_divergence_coef = 0.5  # alpha of f_divergence='alpha_divergence'
   c.preference.discopop_tau = 0.05  # temperature of loss_type='discopop'
   c.preference.simpo_gamma = 0.5  # simpo: target reward margin
+  c.preference.ld_alpha = 1.0  # pairs: LD-DPO (TRL ld_alpha) weight of the longer answer's tokens past the shorter one's length (1 = plain DPO)
   c.preference.sft_weight = 0.0  # chosen NLL weight (TRL rpo_alpha / cpo_alpha; npo: retain NLL)
   c.preference.list_loss = "lipo_lambda"  # lipo: lipo_lambda | list_mle | list_softmax | pairwise_logistic | pairwise_hinge
   c.preference.lambda_normalize = False  # lipo_lambda: divide gains by the ideal DCG
@@ -234,6 +235,7 @@ VALUE_CHECKS = {
     "lora.rank": (_positive_int, "an integer > 0"),
     "lora.alpha": (_positive, "a finite number > 0"),
     "preference.label_smoothing": (_fraction, "in [0, 1)"),
+    "preference.ld_alpha": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
     "preference.sft_weight": (_non_negative, "a finite number >= 0"),
     "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),

@@ -105,6 +105,7 @@ def cache_key(config, tokenizer, params):
       "preference": {k: p[k] for k in (
           "format", "list_size", "max_prompt_len", "max_response_len",
           "task_repeats", "shared_prompt")},
+      "ld_alpha": _ld_alpha(config),
       "seq_len": config.train.seq_len,
       "tokenizer": [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
                     tokenizer.encode("def reference_cache(x):\n  return x")],
@@ -157,11 +158,21 @@ def compute_split(records, split, directory, data_cfg, tokenizer, logps_fn, *,
   return written
 
 
-def _logps_fn(graphdef, params, mesh, chunk_size):
+def _ld_alpha(config):
+  """LD-DPO's alpha for pairs (1 = plain sums; lists never use it)."""
+  if config.data.preference.format != "pairs":
+    return 1.0
+  return float(config.preference.get("ld_alpha", 1.0))
+
+
+def _logps_fn(graphdef, params, mesh, chunk_size, ld_alpha=1.0):
   def logps(p, b):
     with shd.activation_sharding(mesh):  # rows stay local, weights gathered
+      sum_weights = (None if ld_alpha == 1.0 else  # LD-DPO's sums
+                     common.ld_weights(b, list_size=2, alpha=ld_alpha))
       return common.slot_logps(nnx.merge(graphdef, p), b,
-                               chunk_size=chunk_size)[0]
+                               chunk_size=chunk_size,
+                               sum_weights=sum_weights)[0]
 
   fn = jax.jit(logps)
   return lambda batch: fn(params, jax.device_put(batch,
@@ -190,7 +201,7 @@ def prepare(config, workdir):
         os.path.join(directory, "spec.json"),
         text=json.dumps(material, indent=1, default=str))
   logps_fn = _logps_fn(graphdef, params, mesh, config.preference.logps_chunk
-                       or None)
+                       or None, _ld_alpha(config))
   ways = mesh.size
   rows = max(config.train.batch_size // jax.process_count(), ways)
   for split in _splits(config.data):

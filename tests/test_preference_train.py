@@ -86,6 +86,9 @@ def test_cached_reference_equals_live(tok_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(reference_cache, "CHUNK_RECORDS", 16)
   live_cfg = jsonl_config(tok_dir, tmp_path)
   cached_cfg = jsonl_config(tok_dir, tmp_path)
+  # LD-DPO's weighted sums, cached as computed live (the plain sums are
+  # cached through the launcher in tests/interop/test_hf_init_from.py).
+  live_cfg.preference.ld_alpha = cached_cfg.preference.ld_alpha = 0.5
   cached_cfg.reference = "none"
   cached_cfg.preference.cache_reference = True
   with pytest.raises(ValueError, match="reference_cache is empty"):

@@ -100,31 +100,59 @@ def slot_weights(batch) -> Array:
   return jnp.where(in_slot, weights, 0.0)
 
 
-def slot_logps(model, batch, *, chunk_size=None):
-  """Summed log-probs, token counts and mean log-probs per slot, ``[B, S]``."""
+def ld_weights(batch, *, list_size: int, alpha: float) -> Array:
+  """``[B, S, T]`` LD-DPO weights: the tail of the longer answer scaled.
+
+  LD-DPO (Liu et al., 2024, *Length Desensitization in Direct Preference
+  Optimization*; TRL's ``ld_alpha``) splits each answer's log-prob into the
+  tokens up to the shorter answer of its group (weight 1) and the rest
+  (weight ``alpha``): ``log p = shared + alpha * tail``. ``alpha = 1`` is
+  plain DPO.
+  """
+  weights = slot_weights(batch)
+  in_answer = weights > 0
+  position = jnp.cumsum(in_answer, axis=-1)  # 1-based within each slot
+  lengths = jnp.sum(in_answer, axis=-1)  # [B, S]
+  b, s = lengths.shape
+  shared = jnp.min(lengths.reshape(b, s // list_size, list_size), axis=-1)
+  shared = jnp.repeat(shared, list_size, axis=-1)  # [B, S]
+  tail = position > shared[..., None]
+  return jnp.where(tail, alpha * weights, weights)
+
+
+def slot_logps(model, batch, *, chunk_size=None, sum_weights=None):
+  """Summed log-probs, token counts and mean log-probs per slot, ``[B, S]``.
+
+  ``sum_weights`` (``[B, S, T]``, e.g. :func:`ld_weights`) weight the sums
+  only; counts and means keep the plain completion weights.
+  """
   hidden = hidden_states(model, batch)
   tokens = policy.model_token_logps(model, hidden, batch["targets"],
                                     chunk_size=chunk_size or 0)  # [B, T]
   weights = slot_weights(batch)  # [B, S, T]
   per_slot = jnp.broadcast_to(tokens[:, None, :], weights.shape)
-  return (policy.sequence_logps(per_slot, weights),
-          policy.completion_lengths(weights),
+  sums = policy.sequence_logps(
+      per_slot, weights if sum_weights is None else sum_weights)
+  return (sums, policy.completion_lengths(weights),
           policy.mean_logps(per_slot, weights))
 
 
-def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None):
+def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None,
+                         sum_weights=None):
   """Reference log-probs ``[B, S]``: live from ``frozen`` or from the base
   model under the adapters (``'base'``), cached, or 0."""
   if reference == "base":
     return jax.lax.stop_gradient(slot_logps(
-        lora.without_adapters(model), batch, chunk_size=chunk_size)[0])
+        lora.without_adapters(model), batch, chunk_size=chunk_size,
+        sum_weights=sum_weights)[0])
   if reference == "frozen":
     if frozen is None:
       raise ValueError("reference='frozen' but the step got no frozen "
                        "parameters (config.reference must be 'frozen').")
     ref_model = nnx.merge(nnx.graphdef(model), jax.lax.stop_gradient(frozen))
     return jax.lax.stop_gradient(
-        slot_logps(ref_model, batch, chunk_size=chunk_size)[0])
+        slot_logps(ref_model, batch, chunk_size=chunk_size,
+                   sum_weights=sum_weights)[0])
   if reference == "cached":
     return batch["ref_logps"].astype(jnp.float32)
   return jnp.zeros(batch["labels"].shape, jnp.float32)
@@ -142,11 +170,18 @@ class Lists(NamedTuple):
 
 
 def gather_lists(model, batch, frozen, *, list_size, reference,
-                 chunk_size=None) -> Lists:
-  """Runs the policy (and reference) and regroups slots into examples."""
-  logps, lengths, means = slot_logps(model, batch, chunk_size=chunk_size)
+                 chunk_size=None, ld_alpha=1.0) -> Lists:
+  """Runs the policy (and reference) and regroups slots into examples.
+
+  ``ld_alpha < 1``: LD-DPO's summed log-probs (:func:`ld_weights`) for the
+  policy and a live reference alike (a cached one was computed with them).
+  """
+  sum_weights = (None if ld_alpha == 1.0 else
+                 ld_weights(batch, list_size=list_size, alpha=ld_alpha))
+  logps, lengths, means = slot_logps(model, batch, chunk_size=chunk_size,
+                                     sum_weights=sum_weights)
   ref = reference_slot_logps(model, batch, frozen, reference=reference,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, sum_weights=sum_weights)
   b, s = logps.shape
   if s % list_size:
     raise ValueError(f"{s} response slots per row are not a multiple of "

@@ -256,12 +256,16 @@ def modpo_pair_loss(p: Pairs, *, beta, weights):
 
 
 def pairwise_objective(model, batch, rng, *, frozen=None, pair_loss, beta,
-                       reference, chunk_size=None):
-  """Pairs (slot 0 chosen, slot 1 rejected) under ``pair_loss(Pairs)``."""
+                       reference, chunk_size=None, ld_alpha=1.0):
+  """Pairs (slot 0 chosen, slot 1 rejected) under ``pair_loss(Pairs)``.
+
+  ``ld_alpha < 1``: LD-DPO's length-desensitised log-probs
+  (:func:`alignax.objectives.common.ld_weights`).
+  """
   del rng
   p = common.to_pairs(common.gather_lists(
       model, batch, frozen, list_size=2, reference=reference,
-      chunk_size=chunk_size))
+      chunk_size=chunk_size, ld_alpha=ld_alpha))
   return common.reduce(pair_loss(p), p.valid, pair_metrics(p, beta))
 
 
@@ -321,7 +325,8 @@ def _pairwise(config, pair_loss, needs_reference=True):
   return functools.partial(
       pairwise_objective, pair_loss=pair_loss, beta=p.beta,
       reference=common.reference_mode(config, needs_reference),
-      chunk_size=p.logps_chunk or None)
+      chunk_size=p.logps_chunk or None,
+      ld_alpha=float(p.get("ld_alpha", 1.0)))
 
 
 def dpo_from_config(config, *, mesh=None):

@@ -551,3 +551,67 @@ def test_npo_objective_forgets_label0_and_retains_label1():
     np.testing.assert_allclose(loss_sum, per[keep].sum(), rtol=1e-4)
   np.testing.assert_allclose(m["npo/forget_logps"][0] / m["npo/forget_logps"][1],
                              pol[~desirable, 0].mean(), rtol=1e-5)
+
+
+def _padded_token_logps(seed, exs):
+  """Per-token answer log-probs ``{(i, j): array}``, NumPy log-softmax."""
+  seqs = [(i, j, ex["prompt"] + resp) for i, ex in enumerate(exs)
+          for j, resp in enumerate(ex["responses"])]
+  tokens = np.zeros((len(seqs), T), np.int32)
+  for row, (_, _, seq) in enumerate(seqs):
+    tokens[row, :len(seq)] = seq
+  logits = np.asarray(_logits(params(seed), tokens, (tokens > 0).astype(
+      np.int32)), np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+  out = {}
+  for row, (i, j, seq) in enumerate(seqs):
+    tok = logp[row, np.arange(len(seq) - 1), seq[1:]]
+    out[i, j] = tok[len(exs[i]["prompt"]) - 1:]
+  return out
+
+
+def test_ld_weights_hand_example():
+  # One row, prompt of 2 tokens, chosen of 3 and rejected of 1 token: the
+  # shared length is 1, so the chosen answer's last two tokens get alpha.
+  batch = {"labels": np.zeros((1, 2), np.float32),
+           "slot": np.array([[-1, -1, 0, 0, 0, 1, -1]]),
+           "weights": np.array([[0, 0, 1, 1, 1, 1, 0]], np.float32)}
+  w = np.asarray(common.ld_weights(batch, list_size=2, alpha=0.25))
+  np.testing.assert_array_equal(w, [[[0, 0, 1, .25, .25, 0, 0],
+                                     [0, 0, 0, 0, 0, 1, 0]]])
+  # Token log-probs -1, -2, -3 (chosen) and -1 (rejected): LD-DPO's sums
+  # (TRL: shared + ld_alpha * tail) are -1 + 0.25 * -5 = -2.25 and -1.
+  tokens = np.array([0, 0, -1, -2, -3, -1, 0], np.float32)
+  np.testing.assert_allclose((w * tokens).sum(-1), [[-2.25, -1.0]])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_ld_dpo_equals_numpy_reference(alpha):
+  exs = examples(9, 2)
+  batch = packed(exs, 2)
+  beta = 0.2
+  objective = functools.partial(
+      pref.pairwise_objective, pair_loss=pref.build_pair_loss(_pcfg(beta=beta)),
+      beta=beta, reference="frozen", ld_alpha=alpha)
+  loss_sum, (count, m) = run(objective, batch)
+  pol, ref = _padded_token_logps(0, exs), _padded_token_logps(1, exs)
+
+  def ld(toks, i):
+    shared = min(len(toks[i, 0]), len(toks[i, 1]))
+    return [t[:shared].sum() + alpha * t[shared:].sum()
+            for t in (toks[i, 0], toks[i, 1])]
+
+  ok = [i for i, e in enumerate(exs) if len(e["responses"]) == 2]
+  (c, r), (rc, rr) = (np.array([ld(t, i) for i in ok]).T
+                      for t in (pol, ref))
+  np.testing.assert_allclose(loss_sum / count,
+                             np_dpo(c, r, rc, rr, beta).mean(), rtol=1e-4)
+  mean = lambda key: float(m[key][0] / m[key][1])
+  np.testing.assert_allclose(mean("logps/chosen"), c.mean(), rtol=1e-5)
+  # alpha = 1 is plain DPO, exactly.
+  ones = run(functools.partial(objective, ld_alpha=1.0), batch)[0]
+  base = run(functools.partial(pref.pairwise_objective,
+                               pair_loss=pref.build_pair_loss(_pcfg(beta=beta)),
+                               beta=beta, reference="frozen"), batch)[0]
+  assert float(ones) == float(base)
