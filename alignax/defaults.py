@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # adapters add (alpha / r) x A B (rslora: alpha / sqrt(r))
   c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
+  c.lora.quant = "none"  # none | int8 | nf4: block kernels stored quantized, dequantized in the matmul (QLoRA)
 
   c.preference = ml_collections.ConfigDict()  # preference objectives (dpo, lipo, kto, ...)
   c.preference.beta = 0.1  # inverse temperature of the implicit reward beta*log(pi/pi_ref)
@@ -248,6 +249,7 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip"),
     "reference": ("none", "frozen", "base"),
+    "lora.quant": ("none", "int8", "nf4"),
     "data.source": sources.SOURCES,
     "tokenizer.kind": ("sentencepiece", "hf"),
     "optimizer.name": ("adamw",),
@@ -335,6 +337,9 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
   if c.reference == "base" and c.preference.cache_reference:
     raise ValueError("config.preference.cache_reference=True replaces the "
                      "base reference: set config.reference='none'")
+  if c.lora.quant != "none" and not c.lora.enabled:
+    raise ValueError(f"config.lora.quant={c.lora.quant!r} stores the frozen "
+                     "base quantized under LoRA: set config.lora.enabled=True")
   targets = tuple(c.lora.targets)
   unknown = sorted(set(targets) - set(LORA_TARGETS))
   if c.lora.enabled and (not targets or unknown):

@@ -32,6 +32,7 @@ from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax.interop import hf
 from alignax.models import ModelConfig
+from alignax.models import quant
 
 
 def abstract_params(abstract, mesh, rules):
@@ -82,13 +83,27 @@ def load_init_params(source: str, target, *, mesh, rules,
     params = traverse_util.unflatten_dict({
         k: flat.get(k, v)
         for k, v in traverse_util.flatten_dict(target).items()})
+    params = quant.quantize_loaded(params, target)  # QLoRA: int8 / nf4 base
   else:
+    _check_not_quantizing(source, target)
     params = ckpt_lib.load_params(source, target)
   is_missing = lambda x: isinstance(x, jax.ShapeDtypeStruct)
   if not any(is_missing(x) for x in jax.tree.leaves(params,
                                                     is_leaf=is_missing)):
     return params
   return state_lib.fill_missing(params, get_fresh())
+
+
+def _check_not_quantizing(source, target) -> None:
+  """A float alignax checkpoint does not restore into quantized kernels."""
+  quantized = any(k[-1].endswith(quant.SCALE_SUFFIX)
+                  for k in traverse_util.flatten_dict(target))
+  recorded = ckpt_lib.read_model_config(source) or {}
+  if quantized and recorded.get("quant", "none") == "none":
+    raise ValueError(
+        f"checkpoint.init_from={source!r} holds float kernels and "
+        "config.lora.quant quantizes them: start QLoRA from a Hugging Face "
+        "directory (quantized on load), or set config.lora.quant='none'")
 
 
 def model_params(source: str, model_cfg: ModelConfig, mesh, rules, *,

@@ -191,3 +191,22 @@ def test_base_reference_needs_lora(tok_dir):
   c.lora.targets = ("q", "wq")
   with pytest.raises(ValueError, match="unknown"):
     train.defaults.validate(c, num_devices=8, batch_ways=8)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_qlora_dpo_starts_at_log2_and_trains_only_adapters(tok_dir, tmp_path,
+                                                           kind):
+  c = lora_recipe(tok_dir, steps=2, eval_every=0)
+  c.lora.quant = kind
+  trainer, last = train.run(c, str(tmp_path / kind))
+  lines = metrics_lines(str(tmp_path / kind))
+  np.testing.assert_allclose(lines[0]["train/loss"], math.log(2), rtol=1e-6)
+  assert np.isfinite(last["train/loss"]) and last["train/nonfinite"] == 0
+  start = jax.jit(lambda: state_lib.init_params(trainer.model_cfg, 0))()
+  final, fresh = flat(trainer.state.params), flat(start)
+  assert final[("blocks", "attn", "q")].dtype == (
+      np.int8 if kind == "int8" else np.uint8)
+  for key, value in final.items():
+    if not lora.is_adapter_path(key):
+      np.testing.assert_array_equal(value, fresh[key], err_msg=str(key))
+  assert np.abs(final[("blocks", "mlp", "down_lora", "b")]).max() > 0

@@ -685,7 +685,8 @@ def check_like(workdir: str, cfg: ModelConfig, like: str) -> None:
   fields = ckpt_lib.read_model_config(workdir)
   if fields is None:
     return  # an import or an older run: orbax checks the shapes
-  run_cfg = ModelConfig(**fields)
+  # Quantized (QLoRA) kernels are exported dequantized: compare float shapes.
+  run_cfg = dataclasses.replace(ModelConfig(**fields), quant='none')
   if run_cfg.vocab_size > cfg.vocab_size:  # cut back on export
     run_cfg = dataclasses.replace(run_cfg, vocab_size=cfg.vocab_size)
   theirs = nnx.to_pure_dict(state_lib.abstract_model(cfg)[1])

@@ -32,7 +32,10 @@ ROPE_SCALINGS = ('none', 'linear', 'llama3')
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # Fields set from the run config's ``lora`` block, not mirrored in
 # ``config.model`` (code that copies fields between them skips these).
-ADAPTER_FIELDS = ('lora_rank', 'lora_alpha', 'lora_rslora', 'lora_targets')
+ADAPTER_FIELDS = ('lora_rank', 'lora_alpha', 'lora_rslora', 'lora_targets',
+                  'quant')
+# ``ModelConfig.quant``: storage of the frozen block kernels under LoRA.
+QUANTS = ('none', 'int8', 'nf4')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +95,8 @@ class ModelConfig:
     lora_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
     lora_targets: kernels that get adapters, names from
       ``alignax.models.lora.TARGETS`` (q, k, v, o, gate, up, down).
+    quant: storage of the (frozen) block kernels, one of ``QUANTS``:
+      ``'int8'`` or ``'nf4'`` (QLoRA, ``alignax.models.quant``) need LoRA.
   """
   vocab_size: int
   d_model: int
@@ -129,6 +134,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_rslora: bool = False
   lora_targets: tuple[str, ...] = ()
+  quant: str = 'none'
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
@@ -190,6 +196,10 @@ class ModelConfig:
         self.lora_rank, int) or self.lora_rank < 0:
       raise ValueError(f'ModelConfig.lora_rank={self.lora_rank!r} must be an '
                        'integer >= 0 (0 = no adapters).')
+    _check_choice('quant', self.quant, QUANTS)
+    if self.quant != 'none' and not self.lora_rank:
+      raise ValueError(f'ModelConfig.quant={self.quant!r} freezes the kernels '
+                       'quantized: it needs LoRA adapters (lora_rank > 0).')
     if not self.lora_rank:
       return
     unknown = sorted(set(targets) - set(LORA_TARGETS))

@@ -15,6 +15,7 @@ from flax import nnx
 from alignax import sharding
 from alignax.models import attention
 from alignax.models import lora
+from alignax.models import quant
 # Re-exported: the mask's definition lives next to the blockwise attention.
 from alignax.models.attention import make_attention_mask  # noqa: F401
 from alignax.models.config import ModelConfig
@@ -227,6 +228,12 @@ class Attention(nnx.Module):
         'v': ((d, kv, dh), ('embed', 'kv_heads', 'head_dim'), 1),
         'o': ((h, dh, d), ('heads', 'head_dim', 'embed'), 2),
     }, param_dtype=pdt, rngs=rngs)
+    quant.quantize_kernels(self, cfg.quant, {
+        'q': (('embed', 'heads', 'head_dim'), 1),
+        'k': (('embed', 'kv_heads', 'head_dim'), 1),
+        'v': (('embed', 'kv_heads', 'head_dim'), 1),
+        'o': (('heads', 'head_dim', 'embed'), 2),
+    })
     if cfg.qkv_bias:
       self.q_bias = partitioned_param(rngs, _init.zeros, (h, dh),
                                       ('heads', 'head_dim'), pdt)
@@ -298,9 +305,10 @@ class Attention(nnx.Module):
   def _project(self, x, positions):
     """q ``[B, T, H, Dh]``, k and v ``[B, T, K, Dh]``, RoPE applied."""
     cfg, x = self.cfg, x.astype(self.dtype)
-    q = jnp.einsum('btd,dhk->bthk', x, self.q[...].astype(self.dtype))
-    k = jnp.einsum('btd,dhk->bthk', x, self.k[...].astype(self.dtype))
-    v = jnp.einsum('btd,dhk->bthk', x, self.v[...].astype(self.dtype))
+    d = (cfg.d_model,)
+    q = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'q', self.dtype, d))
+    k = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'k', self.dtype, d))
+    v = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'v', self.dtype, d))
     q = lora.add(self, 'q', q, x, self.dtype)
     k = lora.add(self, 'k', k, x, self.dtype)
     v = lora.add(self, 'v', v, x, self.dtype)
@@ -333,7 +341,8 @@ class Attention(nnx.Module):
                             softcap=self.cfg.attn_logit_softcap)
 
   def _output(self, out):
-    y = jnp.einsum('bthk,hkd->btd', out, self.o[...].astype(self.dtype))
+    o = quant.kernel(self, 'o', self.dtype, out.shape[2:])
+    y = jnp.einsum('bthk,hkd->btd', out, o)
     return lora.add(self, 'o', y, out, self.dtype)
 
 
@@ -355,7 +364,7 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype,
                rngs: nnx.Rngs, activation: str = 'silu',
-               adapters: lora.LoraSpec | None = None):
+               adapters: lora.LoraSpec | None = None, quantized: str = 'none'):
     init = _init.lecun_normal()
     self.gate = partitioned_param(rngs, init, (dim, hidden), ('embed', 'mlp'),
                                   param_dtype)
@@ -368,15 +377,18 @@ class MLP(nnx.Module):
         'up': ((dim, hidden), ('embed', 'mlp'), 1),
         'down': ((hidden, dim), ('mlp', 'embed'), 1),
     }, param_dtype=param_dtype, rngs=rngs)
+    quant.quantize_kernels(self, quantized, {
+        'gate': (('embed', 'mlp'), 1), 'up': (('embed', 'mlp'), 1),
+        'down': (('mlp', 'embed'), 1)})
     self.dtype = dtype
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    gate = lora.add(self, 'gate', x @ self.gate[...].astype(self.dtype), x,
-                    self.dtype)  # [B, T, F]
-    up = lora.add(self, 'up', x @ self.up[...].astype(self.dtype), x,
-                  self.dtype)
+    w = lambda name, rows: quant.kernel(self, name, self.dtype, (rows,))
+    d = x.shape[-1]
+    gate = lora.add(self, 'gate', x @ w('gate', d), x, self.dtype)  # [B, T, F]
+    up = lora.add(self, 'up', x @ w('up', d), x, self.dtype)
     hidden = _ACTIVATIONS[self.activation](gate) * up
-    return lora.add(self, 'down', hidden @ self.down[...].astype(self.dtype),
+    return lora.add(self, 'down', hidden @ w('down', hidden.shape[-1]),
                     hidden, self.dtype)

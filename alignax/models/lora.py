@@ -44,9 +44,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
+from alignax.models import quant
 # Kernels that can carry an adapter: attention projections and the gated
 # MLP's three matrices (names of the kernels in ``layers``).
-from alignax.models.config import LORA_TARGETS as TARGETS  # noqa: E402
+from alignax.models.config import LORA_TARGETS as TARGETS
 # Suffix of an adapter's attribute next to its kernel: ``q`` -> ``q_lora``.
 SUFFIX = '_lora'
 # Top-level parameter groups of ``Transformer``; with adapters they are
@@ -226,10 +227,20 @@ def merge_into_base(params, spec: LoraSpec):
   for key in [k for k in flat if is_adapter_path(k) and k[-1] == 'a']:
     kernel = key[:-2] + (key[-2].removesuffix(SUFFIX),)
     a, b, w = flat[key], flat[key[:-1] + ('b',)], out[kernel]
+    scale = out.pop(kernel[:-1] + (kernel[-1] + quant.SCALE_SUFFIX,), None)
+    if scale is not None:  # QLoRA: the float kernel, then the update
+      in_shape = a.shape[1:-1]
+      w = jax.vmap(lambda q, s: _dequantize(q, s, in_shape))(w, scale)
     # Blocks are stacked on a leading [L] axis (nnx.vmap), adapters too.
     delta = adapter_delta(a, b, spec.scale, stacked=key[0] == 'blocks')
     out[kernel] = (w.astype(jnp.float32) + delta).astype(w.dtype)
   return traverse_util.unflatten_dict(out)
+
+
+def _dequantize(q, scale, in_shape):
+  if q.dtype == jnp.int8:
+    return quant.dequantize_int8(q, scale, jnp.float32)
+  return quant.dequantize_nf4(q, scale, in_shape, jnp.float32)
 
 
 def adapter_delta(a, b, scale: float, *, stacked: bool) -> jax.Array:

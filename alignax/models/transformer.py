@@ -39,7 +39,7 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.mlp = layers.MLP(cfg.d_model, cfg.d_ff, dtype=dtype, param_dtype=pdt,
                           rngs=rngs, activation=cfg.mlp_activation,
-                          adapters=lora.spec_of(cfg))
+                          adapters=lora.spec_of(cfg), quantized=cfg.quant)
     if cfg.post_norms:
       self.post_attn_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
       self.post_mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)

@@ -166,3 +166,31 @@ def test_lora_dpo_from_an_hf_directory_trains_and_exports(hf_dir, tmp_path):
   np.testing.assert_allclose(_hf_logits(_load_hf(merged_dir), tokens), ours,
                              atol=1e-4)
   assert cfg.lora_rank == 4
+
+
+@pytest.mark.parametrize('kind', ['int8', 'nf4'])
+def test_qlora_from_an_hf_directory_quantizes_on_load_and_merges(
+    hf_dir, tmp_path, kind):
+  path, vocab = hf_dir
+  c = _dpo_lora_config(path, tmp_path)
+  c.lora.quant = kind
+  c.train.steps = 2
+  c.checkpoint.save_every = 2
+  workdir = str(tmp_path / 'run')
+  trainer, _ = train.run(c, workdir)
+  params = jax.device_get(trainer.state.params)
+  assert params['blocks']['attn']['q'].dtype == (
+      np.int8 if kind == 'int8' else np.uint8)
+  tokens = np.random.default_rng(0).integers(0, vocab, (2, 12))
+  model = nnx.merge(trainer.graphdef, params)
+  base_ours = np.asarray(lora.without_adapters(model)(
+      jnp.asarray(tokens)))[..., :vocab]
+  theirs = _hf_logits(_load_hf(path), tokens)
+  err = np.abs(base_ours - theirs).max()
+  assert 0 < err < (0.02 if kind == 'int8' else 0.2) * np.abs(theirs).max()
+  # The merged export is the dequantized base plus the adapters.
+  ours = np.asarray(model(jnp.asarray(tokens)))[..., :vocab]
+  merged_dir = str(tmp_path / 'merged')
+  hf.main(['export', workdir, merged_dir, '--like', path])
+  np.testing.assert_allclose(_hf_logits(_load_hf(merged_dir), tokens), ours,
+                             atol=1e-4)
