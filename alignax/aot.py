@@ -179,13 +179,14 @@ def abstract_batch(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def model_config(config) -> ModelConfig:
-  """``config.model`` as a ``ModelConfig``; a vocab of 0 needs the tokenizer."""
+  """``config.model`` (with ``config.lora``'s adapters) as a ``ModelConfig``;
+  a vocab of 0 needs the tokenizer."""
   fields = dict(config.model)
   if fields["vocab_size"] == 0:
     raise ValueError("config.model.vocab_size=0 takes the tokenizer's size; "
                      "set it (e.g. --config.model.vocab_size=32768) to "
                      "compile without building the tokenizer")
-  return ModelConfig(**fields)
+  return state_lib.apply_lora_config(ModelConfig(**fields), config.get("lora"))
 
 
 @dataclasses.dataclass
