@@ -11,7 +11,9 @@ scorer. ``source`` is
   ``python -m alignax.interop.hf import`` directory (partial restore);
 * a local Hugging Face model directory (``config.json`` + ``*.safetensors``),
   streamed tensor by tensor onto the mesh; ids reserved past the
-  checkpoint's vocabulary grow it (mean-initialised rows).
+  checkpoint's vocabulary grow it (mean-initialised rows);
+* a PEFT LoRA adapter directory: its HF base (``base_model_name_or_path``),
+  then its adapters (``alignax.interop.peft``).
 
 Parameters the source lacks (a new embedding or reward head on an LM
 checkpoint) keep their fresh initialisation (logged); a source that holds
@@ -31,6 +33,7 @@ from alignax import checkpoint as ckpt_lib
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax.interop import hf
+from alignax.interop import peft
 from alignax.models import ModelConfig
 from alignax.models import quant
 
@@ -73,6 +76,10 @@ def load_init_params(source: str, target, *, mesh, rules,
   get_fresh = fresh if callable(fresh) else (lambda: fresh)
   if not source:
     return get_fresh()
+  if peft.is_peft_dir(source):  # the HF base, then the PEFT adapters
+    params = load_init_params(peft.base_dir(source), target, mesh=mesh,
+                              rules=rules, fresh=fresh)
+    return peft.load_adapters(source, params, target)
   if hf.is_hf_dir(source):
     vocab_size, dtype = _vocab_and_dtype(target)
     _, loaded = hf.load_hf(source, mesh=mesh, rules=rules,

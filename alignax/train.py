@@ -33,7 +33,7 @@ from alignax.data import records
 from alignax.data import shards
 from alignax.data import tasks
 from alignax.data import tokenizer as tok_lib
-from alignax.interop import hf
+from alignax.interop import peft
 
 # config.data.task -> builder(config, tokenizer, mesh, graphdef) of
 # evaluate(params) -> {name: float}, merged into the held-out metrics.
@@ -52,7 +52,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     # An HF directory in checkpoint.init_from brings its model and tokenizer.
-    config = hf.run_config(config)
+    config = peft.run_config(config)  # and a PEFT adapter dir's LoRA + base
     self.config, self.workdir = config, workdir
     self.mesh = shd.make_mesh(config.mesh)
     self.batch_ways = shd.global_batch_size(self.mesh)

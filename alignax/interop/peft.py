@@ -15,6 +15,10 @@ conversion is a reshape and a transpose. PEFT adds
 The merged model (``W + s A B``, a plain HF directory) is written by
 ``python -m alignax.interop.hf export``, which folds adapters in.
 
+Import: ``--config.checkpoint.init_from=PEFT_DIR`` starts a LoRA run from
+an adapter directory whose ``base_model_name_or_path`` is a local HF
+directory (:func:`run_config`, ``alignax.init_from``).
+
 Run:
   python -m alignax.interop.peft export WORKDIR OUT_DIR [--base=HF_DIR]
 """
@@ -104,6 +108,104 @@ def export_run(workdir: str, out_dir: str, *, base_model: str = '') -> None:
   cfg = hf.read_model_config(hf.run_dir(workdir))
   params = hf.load_checkpoint_params(workdir, cfg)
   export_peft(out_dir, cfg, params, base_model=base_model)
+
+
+# --- import: a PEFT adapter directory as the starting adapters -----------------
+
+
+ADAPTER_CONFIG = 'adapter_config.json'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+
+
+def is_peft_dir(path: str) -> bool:
+  return bool(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def read_adapter_config(path: str) -> dict:
+  with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+    return json.load(f)
+
+
+def _targets(adapter_cfg: Mapping) -> tuple[str, ...]:
+  by_module = {m.split('.')[-1]: t for t, m in HF_MODULES.items()}
+  modules = adapter_cfg['target_modules']
+  modules = [modules] if isinstance(modules, str) else modules
+  unknown = sorted(set(modules) - set(by_module))
+  if unknown:
+    raise ValueError(f'adapter target_modules {unknown} have no alignax '
+                     f'kernel; alignax adapts {sorted(by_module)}')
+  return tuple(t for t in lora.TARGETS if HF_MODULES[t].split('.')[-1]
+               in modules)
+
+
+def run_config(config):
+  """``config`` with an init_from PEFT directory resolved.
+
+  ``checkpoint.init_from=PEFT_DIR``: ``config.lora`` takes the adapter's
+  rank, alpha, rsLoRA and targets, and the model and tokenizer come from
+  its ``base_model_name_or_path`` (a local HF directory; see
+  ``interop.hf.run_config``); init_from stays the PEFT directory, which
+  :func:`alignax.init_from.load_init_params` reads (base, then adapters).
+  Other configs go through ``hf.run_config`` unchanged.
+  """
+  source = config.checkpoint.init_from
+  if not is_peft_dir(source):
+    return hf.run_config(config)
+  adapter = read_adapter_config(source)
+  base = base_dir(source)
+  c = config.copy_and_resolve_references()
+  if adapter.get('peft_type', 'LORA') != 'LORA':
+    raise ValueError(f'{source}: peft_type={adapter["peft_type"]!r}, only '
+                     'LORA adapters are imported')
+  c.lora.update(enabled=True, rank=int(adapter['r']),
+                alpha=float(adapter['lora_alpha']),
+                rslora=bool(adapter.get('use_rslora', False)),
+                targets=_targets(adapter))
+  c.checkpoint.init_from = base
+  c = hf.run_config(c)
+  c.checkpoint.init_from = source
+  return c
+
+
+def base_dir(source: str) -> str:
+  """The local HF base directory a PEFT adapter directory names."""
+  base = read_adapter_config(source).get('base_model_name_or_path') or ''
+  if not hf.is_hf_dir(base):
+    raise ValueError(
+        f'{source}: adapter_config.json base_model_name_or_path={base!r} is '
+        'not a local Hugging Face directory (config.json + *.safetensors); '
+        'point it at the base model\'s directory')
+  return base
+
+
+def load_adapters(source: str, params, target):
+  """``params`` with their adapters replaced by ``source``'s PEFT tensors.
+
+  ``target``: the abstract params (shapes and shardings) they must match.
+  """
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(os.path.join(source, ADAPTER_WEIGHTS))
+  tensors = {k.replace('.lora_A.default.', '.lora_A.').replace(
+      '.lora_B.default.', '.lora_B.'): v for k, v in tensors.items()}
+  out = jax.tree.map(lambda x: x, params)
+  for target_name, module in HF_MODULES.items():
+    group = out['blocks'][_GROUP[target_name]]
+    key = target_name + lora.SUFFIX
+    if key not in group:
+      continue
+    want = target['blocks'][_GROUP[target_name]][key]
+    layers = want['a'].shape[0]
+    names = [PREFIX.format(i=i) + module for i in range(layers)]
+    try:
+      a = np.stack([tensors[n + '.lora_A.weight'].T for n in names])
+      b = np.stack([tensors[n + '.lora_B.weight'].T for n in names])
+    except KeyError as e:
+      raise ValueError(f'{source}: adapter tensor {e} is missing') from None
+    for part, value in (('a', a), ('b', b)):
+      spec = want[part]
+      value = value.reshape(spec.shape).astype(spec.dtype)
+      group[key][part] = jax.device_put(value, getattr(spec, 'sharding', None))
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

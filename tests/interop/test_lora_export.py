@@ -194,3 +194,35 @@ def test_qlora_from_an_hf_directory_quantizes_on_load_and_merges(
   hf.main(['export', workdir, merged_dir, '--like', path])
   np.testing.assert_allclose(_hf_logits(_load_hf(merged_dir), tokens), ours,
                              atol=1e-4)
+
+
+def test_init_from_a_peft_directory_starts_from_its_adapters(hf_dir,
+                                                             tmp_path):
+  path, vocab = hf_dir
+  cfg, base = hf.load_hf(path)
+  cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0, lora_rslora=True,
+                            lora_targets=('q', 'v', 'down'))
+  adapters = lora.trainable(state_lib.init_params(cfg, 0))
+  keys = iter(jax.random.split(jax.random.key(2), 32))
+  adapters = jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), adapters)
+  peft_dir = str(tmp_path / 'peft')
+  peft_lib.export_peft(peft_dir, cfg, lora.merge_trainable(adapters, base),
+                       base_model=path)
+  # Start a run from the adapter directory: its rank/alpha/targets and base.
+  c = _dpo_lora_config(path, tmp_path)
+  c.checkpoint.init_from = peft_dir
+  c.lora.update(rank=8, alpha=1.0, rslora=False, targets=('q',))  # replaced
+  trainer = train.Trainer(c, str(tmp_path / 'run'))
+  trainer.restore_or_init()
+  assert (trainer.model_cfg.lora_rank, trainer.model_cfg.lora_alpha,
+          trainer.model_cfg.lora_rslora, trainer.model_cfg.lora_targets) == (
+              4, 8.0, True, ('q', 'v', 'down'))
+  loaded = jax.device_get(lora.trainable(trainer.state.params))
+  jax.tree.map(np.testing.assert_array_equal, loaded,
+               jax.device_get(adapters))
+  tokens = np.random.default_rng(0).integers(0, vocab, (2, 12))
+  ours = np.asarray(nnx.merge(trainer.graphdef, trainer.state.params)(
+      jnp.asarray(tokens)))[..., :vocab]
+  np.testing.assert_allclose(_peft_logits(path, peft_dir, tokens), ours,
+                             atol=1e-4)
