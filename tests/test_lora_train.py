@@ -210,3 +210,48 @@ def test_qlora_dpo_starts_at_log2_and_trains_only_adapters(tok_dir, tmp_path,
     if not lora.is_adapter_path(key):
       np.testing.assert_array_equal(value, fresh[key], err_msg=str(key))
   assert np.abs(final[("blocks", "mlp", "down_lora", "b")]).max() > 0
+
+
+def _other_path(tok_dir, objective):
+  """The LM, contrastive (GradCache) and reward-model paths, with LoRA."""
+  c = train.defaults.base_config()
+  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                 d_ff=64, max_seq_len=64)
+  c.tokenizer.update(vocab_size=512, num_sentinels=8, cache_dir=tok_dir)
+  c.train.update(steps=2, batch_size=8, seq_len=32, log_every=1,
+                 eval_every=0, progress_bar=False)
+  # No warmup: the reward head starts at 0, so the adapters' first gradient
+  # comes only after one real step of the head.
+  c.optimizer.update(warmup_steps=0, schedule_steps=2, lr=1e-2)
+  c.checkpoint.update(save_every=2, keep=1)
+  c.objective = objective
+  if objective == "contrastive":
+    c.data.task = "pairs"
+    c.contrastive.update(proj_dim=16, chunk_size=8)
+  if objective == "reward_model":
+    c.data.task = "preference"
+    c.train.seq_len = 64
+    c.data.preference.update(max_prompt_len=32, groups_per_row=2)
+  c.lora.update(enabled=True, rank=4, alpha=8.0)
+  return c
+
+
+@pytest.mark.parametrize("objective,heads", [
+    ("lm", ()), ("contrastive", ("head",)),
+    ("reward_model", ("reward_head", "reward_bias"))])
+def test_the_same_adapters_train_on_the_other_paths(tok_dir, tmp_path,
+                                                    objective, heads):
+  trainer, last = train.run(_other_path(tok_dir, objective),
+                            str(tmp_path / objective))
+  assert np.isfinite(last["train/loss"]) and last["train/nonfinite"] == 0
+  start = jax.jit(lambda: state_lib.init_params(
+      trainer.model_cfg, 0, trainer.build_model))()
+  final, fresh = flat(trainer.state.params), flat(start)
+  trained = sorted(k for k in final if lora.is_adapter_path(k)
+                   or k[0] in heads)
+  assert sorted(flat(trainer.state.opt_state[-1][0].mu)) == trained
+  for key, value in final.items():
+    if key in trained:
+      continue
+    np.testing.assert_array_equal(value, fresh[key], err_msg=str(key))
+  assert np.abs(final[("blocks", "mlp", "up_lora", "b")]).max() > 0
