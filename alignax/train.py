@@ -34,6 +34,7 @@ from alignax.data import shards
 from alignax.data import tasks
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import peft
+from alignax.models import lora
 
 # config.data.task -> builder(config, tokenizer, mesh, graphdef) of
 # evaluate(params) -> {name: float}, merged into the held-out metrics.
@@ -179,12 +180,21 @@ def describe(trainer: Trainer) -> str:
                     for x in jax.tree.leaves(trainer.state))
   n_params = state_lib.param_count(trainer.state.params)
   c = trainer.config.train
+  state_line = (f"state per device (params + optimizer): "
+                f"{state_bytes / 2**20:.1f} MiB")
+  if trainer.frozen is not None:  # the reference copy, a second argument
+    frozen_bytes = sum(x.addressable_shards[0].data.nbytes
+                       for x in jax.tree.leaves(trainer.frozen))
+    state_line += f" + frozen reference {frozen_bytes / 2**20:.1f} MiB"
+  trainable = state_lib.param_count(lora.trainable(trainer.state.params))
+  if trainable != n_params:  # LoRA: adapters (and heads) only
+    state_line += f"; {trainable:,} trainable params (LoRA)"
   return "\n".join([
       f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
       f"({jax.process_count()} process(es))",
       f"mesh: {dict(trainer.mesh.shape)}",
       f"params: {n_params:,} ({trainer.model_cfg.num_params():,} by formula)",
-      f"state per device (params + optimizer): {state_bytes / 2**20:.1f} MiB",
+      state_line,
       f"batch: {c.batch_size} x {c.seq_len} tokens, "
       f"{c.microbatches} microbatch(es); {trainer.local_batch} rows per process",
   ])
