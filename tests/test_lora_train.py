@@ -236,13 +236,15 @@ def _other_path(tok_dir, objective):
   return c
 
 
-@pytest.mark.parametrize("objective,heads", [
-    ("lm", ()), ("contrastive", ("head",)),
-    ("reward_model", ("reward_head", "reward_bias"))])
+@pytest.mark.parametrize("objective,heads,quant", [
+    ("lm", (), "none"), ("contrastive", ("head",), "none"),
+    ("contrastive", ("head",), "int8"),
+    ("reward_model", ("reward_head", "reward_bias"), "none")])
 def test_the_same_adapters_train_on_the_other_paths(tok_dir, tmp_path,
-                                                    objective, heads):
-  trainer, last = train.run(_other_path(tok_dir, objective),
-                            str(tmp_path / objective))
+                                                    objective, heads, quant):
+  config = _other_path(tok_dir, objective)
+  config.lora.quant = quant  # GradCache differentiates the adapters only
+  trainer, last = train.run(config, str(tmp_path / objective))
   assert np.isfinite(last["train/loss"]) and last["train/nonfinite"] == 0
   start = jax.jit(lambda: state_lib.init_params(
       trainer.model_cfg, 0, trainer.build_model))()
