@@ -276,8 +276,10 @@ class _Policy:
 
   def __init__(self, config, workdir):
     self.tokenizer = tok_lib.build_tokenizer(config.tokenizer, workdir)
-    self.model_cfg = state_lib.build_model_config(config.model,
-                                                  self.tokenizer)
+    # With config.lora the policy's adapters are part of what is loaded.
+    self.model_cfg = state_lib.apply_lora_config(
+        state_lib.build_model_config(config.model, self.tokenizer),
+        config.lora)
     self.mesh = shd.make_mesh(config.mesh)
     self.seed, self.rules = config.seed, config.sharding_rules
     self.graphdef, _ = state_lib.abstract_model(self.model_cfg)
