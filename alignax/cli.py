@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import errno
+import re
 import sys
 from collections.abc import Callable
 
@@ -101,7 +102,21 @@ def parse_flags(argv):
     # AttributeError, a bad value as a ValueError or TypeError.
     if "--debug" in argv[1:]:
       raise
-    fail(f"command line: {one_line(e)}")
+    fail(_flag_error(argv, e))
+
+
+def _flag_error(argv, error) -> str:
+  """``--config.a.b: no such field 'b' ...`` for an unknown override."""
+  text = one_line(error)
+  if isinstance(error, (AttributeError, KeyError)):
+    match = re.match(r"'([^']+)'(.*)", text)
+    if match:
+      key, rest = match.groups()
+      for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--config.") and name.split(".")[-1] == key:
+          return f"{name}: no such config field {key!r}{rest}"
+  return f"command line: {text}"
 
 
 def config_command(body: Callable[[object, str], None], workdir_help: str):

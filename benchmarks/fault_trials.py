@@ -175,7 +175,7 @@ BAD_CONFIGS = [
     "--config.optimizer.lr=nan", "--config.optimizer.lr=inf",
     "--config.optimizer.b1=1.5", "--config.optimizer.eps=0",
     "--config.optimizer.warmup_steps=-2", "--config.optimizer.name=sgdd",
-    "--config.train.steps=0", "--config.train.batch_size=7",
+    "--config.train.steps=0", "--config.train.batch_size=0",
     "--config.train.seq_len=4096", "--config.train.microbatches=3",
     "--config.train.log_every=0", "--config.train.on_nonfinite=ignore",
     "--config.checkpoint.save_every=0", "--config.checkpoint.keep=0",
