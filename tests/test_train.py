@@ -184,34 +184,6 @@ def _tiny_flags(tok_dir, workdir):
           "--config.checkpoint.save_every=2", "--config.optimizer.warmup_steps=1"]
 
 
-def test_launch_two_processes_with_cpu_collectives(tok_dir, tmp_path):
-  """``--multihost``: jax.distributed over 2 processes, gloo collectives."""
-  train.run(tiny_config(tok_dir, steps=1), str(tmp_path / "warm"))  # tokenizer
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  workdir = str(tmp_path / "mp")
-  procs = [subprocess.Popen(
-      _tiny_flags(tok_dir, workdir) + [
-          "--multihost", f"--coordinator_address=localhost:{port}",
-          "--num_processes=2", f"--process_id={i}"],
-      env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  printed = outs[0][0]
-  assert "devices: 2 x cpu (2 process(es))" in printed
-  assert "batch: 4 x 32 tokens, 1 microbatch(es); 2 rows per process" in printed
-  assert "params: " in printed and "state per device" in printed
-  assert "devices:" not in outs[1][0]  # only process 0 reports
-  records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  assert [r["step"] for r in records] == [0, 1, 2]
-  assert np.isfinite(records[-1]["train/loss"])
-  assert np.isfinite(records[-1]["eval/loss"])
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
-
-
 def test_restores_a_checkpoint_written_before_train_state_extras(tok_dir,
                                                                  tmp_path):
   trainer = train.Trainer(tiny_config(tok_dir), str(tmp_path / "run"))
@@ -276,6 +248,13 @@ def test_metrics_hold_each_step_once_after_resume(tok_dir, tmp_path):
   steps = [r["step"] for r in metrics_lib.read_jsonl(
       os.path.join(workdir, "metrics.jsonl"))]
   assert steps == [1, 2, 3, 4]
+  # A kill before the first checkpoint landed: the rerun starts at step 0
+  # and logs every step again, once.
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  train.run(c, workdir)
+  steps = [r["step"] for r in metrics_lib.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4]
 
 
 def test_truncate_jsonl_keeps_records_up_to_the_step(tmp_path):
@@ -318,7 +297,10 @@ def _launch_recipe(workdir, *overrides, config="demo.py"):
 
 def test_user_errors_print_one_line_and_exit_2(tmp_path):
   cases = [
-      (("--config.train.stepz=3",), "stepz"),
+      (("--config.train.stepz=3",),
+       "--config.train.stepz: no such config field 'stepz'"),
+      (("--config.mesh.pipeline=2",),
+       "--config.mesh.pipeline: no such config field 'pipeline'"),
       (("--config.optimizer.lr=-1",), "config.optimizer.lr=-1"),
       (("--config.mesh.data=3",), "config.mesh"),
   ]
@@ -474,3 +456,79 @@ def test_wandb_offline_and_profiler_trace(tok_dir, tmp_path, monkeypatch):
                                   "*", "*"))
   assert any(t.endswith(".xplane.pb") for t in traces)
   assert any(t.endswith(".trace.json.gz") for t in traces)
+
+
+def test_two_processes_equal_one_and_resume_across_process_counts(tok_dir,
+                                                                  tmp_path):
+  """``--multihost`` (jax.distributed over 2 processes, gloo collectives).
+
+  With data.num_shards the global batch does not depend on the process
+  count: 2 processes x 1 device train as 1 process x 2 devices (float
+  rounding), and a run resumes 2 -> 1 -> 2 processes on the way."""
+  train.run(tiny_config(tok_dir, steps=1), str(tmp_path / "warm"))  # tokenizer
+  shard_flags = ["--config.data.num_shards=2",
+                 "--config.checkpoint.save_every=2",
+                 "--config.optimizer.schedule_steps=6"]
+
+  def one_process(workdir, steps):
+    env = _launch_env()
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    done = subprocess.run(
+        _tiny_flags(tok_dir, workdir) + shard_flags
+        + [f"--config.train.steps={steps}"], env=env, capture_output=True,
+        text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "devices: 2 x cpu (1 process(es))" in done.stdout
+
+  def two_processes(workdir, steps):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        _tiny_flags(tok_dir, workdir) + shard_flags + [
+            f"--config.train.steps={steps}", "--multihost",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2",
+            f"--process_id={i}"], env=_launch_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    printed = outs[0][0]
+    assert "devices: 2 x cpu (2 process(es))" in printed
+    assert ("batch: 4 x 32 tokens, 1 microbatch(es); 2 rows per process"
+            in printed)
+    assert "params: " in printed and "state per device" in printed
+    assert "devices:" not in outs[1][0]  # only process 0 reports
+
+  def losses(workdir):
+    return {r["step"]: r["train/loss"] for r in metrics_lib.read_jsonl(
+        os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+  def params(workdir, step):
+    """Host arrays of a checkpoint saved on another topology."""
+    ocp = ckpt_lib.ocp
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    tree = getattr(tree, "tree", tree)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=as_numpy))["params"]
+
+  straight, mixed = str(tmp_path / "straight"), str(tmp_path / "mixed")
+  one_process(straight, 6)
+  two_processes(mixed, 2)
+  one_process(mixed, 4)
+  two_processes(mixed, 6)
+  want, got = losses(straight), losses(mixed)
+  assert sorted(want) == sorted(got) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in range(1, 7)],
+                             [want[s] for s in range(1, 7)], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               params(straight, 6), params(mixed, 6))
+  records = metrics_lib.read_jsonl(os.path.join(mixed, "metrics.jsonl"))
+  evals = [r for r in records if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [0, 2, 4, 6]
+  assert all(np.isfinite(r["eval/loss"]) for r in evals)
