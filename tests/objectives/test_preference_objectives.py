@@ -64,21 +64,29 @@ def _logits(p, tokens, segment_ids):
   return nnx.merge(GRAPHDEF, p)(tokens, segment_ids=segment_ids)
 
 
-def padded_logps(seed, exs, k):
-  """Independent reference: one padded row per response, NumPy log-softmax."""
+def _padded_token_logps(seed, exs):
+  """Per-token answer log-probs ``{(i, j): array}``, NumPy log-softmax."""
   seqs = [(i, j, ex["prompt"] + resp) for i, ex in enumerate(exs)
           for j, resp in enumerate(ex["responses"])]
   tokens = np.zeros((len(seqs), T), np.int32)
   for row, (_, _, seq) in enumerate(seqs):
     tokens[row, :len(seq)] = seq
   logits = np.asarray(_logits(params(seed), tokens, (tokens > 0).astype(
-      np.int32)), np.float64)  # [N, T, V]
+      np.int32)), np.float64)
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
-  out = np.zeros((len(exs), k))
+  out = {}
   for row, (i, j, seq) in enumerate(seqs):
     tok = logp[row, np.arange(len(seq) - 1), seq[1:]]
-    out[i, j] = tok[len(exs[i]["prompt"]) - 1:].sum()
+    out[i, j] = tok[len(exs[i]["prompt"]) - 1:]
+  return out
+
+
+def padded_logps(seed, exs, k):
+  """Independent reference: one padded row per response, NumPy log-softmax."""
+  out = np.zeros((len(exs), k))
+  for (i, j), tok in _padded_token_logps(seed, exs).items():
+    out[i, j] = tok.sum()
   return out
 
 
@@ -551,24 +559,6 @@ def test_npo_objective_forgets_label0_and_retains_label1():
     np.testing.assert_allclose(loss_sum, per[keep].sum(), rtol=1e-4)
   np.testing.assert_allclose(m["npo/forget_logps"][0] / m["npo/forget_logps"][1],
                              pol[~desirable, 0].mean(), rtol=1e-5)
-
-
-def _padded_token_logps(seed, exs):
-  """Per-token answer log-probs ``{(i, j): array}``, NumPy log-softmax."""
-  seqs = [(i, j, ex["prompt"] + resp) for i, ex in enumerate(exs)
-          for j, resp in enumerate(ex["responses"])]
-  tokens = np.zeros((len(seqs), T), np.int32)
-  for row, (_, _, seq) in enumerate(seqs):
-    tokens[row, :len(seq)] = seq
-  logits = np.asarray(_logits(params(seed), tokens, (tokens > 0).astype(
-      np.int32)), np.float64)
-  top = logits.max(-1, keepdims=True)
-  logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
-  out = {}
-  for row, (i, j, seq) in enumerate(seqs):
-    tok = logp[row, np.arange(len(seq) - 1), seq[1:]]
-    out[i, j] = tok[len(exs[i]["prompt"]) - 1:]
-  return out
 
 
 def test_ld_weights_hand_example():
