@@ -340,6 +340,14 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
   if c.lora.quant != "none" and not c.lora.enabled:
     raise ValueError(f"config.lora.quant={c.lora.quant!r} stores the frozen "
                      "base quantized under LoRA: set config.lora.enabled=True")
+  if (c.lora.quant != "none" and c.objective in ("contrastive", "cafe")
+      and c.contrastive.chunk_size):
+    # GradCache differentiates the whole model inside its custom VJP; an
+    # int8/nf4 kernel cannot be. (Differentiating only the adapters there
+    # made the 8-device CPU step deadlock in a collective.)
+    raise ValueError(f"config.lora.quant={c.lora.quant!r} with "
+                     "config.contrastive.chunk_size > 0 (GradCache) is not "
+                     "supported: set chunk_size=0 or lora.quant='none'")
   targets = tuple(c.lora.targets)
   unknown = sorted(set(targets) - set(LORA_TARGETS))
   if c.lora.enabled and (not targets or unknown):

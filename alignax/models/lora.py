@@ -45,9 +45,11 @@ from flax import nnx
 from flax import traverse_util
 
 from alignax.models import quant
+from alignax.models.config import LORA_TARGETS
+
 # Kernels that can carry an adapter: attention projections and the gated
 # MLP's three matrices (names of the kernels in ``layers``).
-from alignax.models.config import LORA_TARGETS as TARGETS
+TARGETS = LORA_TARGETS
 # Suffix of an adapter's attribute next to its kernel: ``q`` -> ``q_lora``.
 SUFFIX = '_lora'
 # Top-level parameter groups of ``Transformer``; with adapters they are

@@ -107,8 +107,11 @@ def quantize_kernels(module: nnx.Module, kind: str, kernels) -> None:
       scale_names = tuple(names[n_in:])
     else:
       q, scale = quantize_nf4(w, n_in)
-      q_names = (names[0] if n_in == 1 else None,) + tuple(names[n_in:])
-      scale_names = (None,) + tuple(names[n_in:])
+      # The block axis of the absmax is a coarse input axis: named like it,
+      # so that it shards over fsdp with the packed kernel.
+      in_name = names[0] if n_in == 1 else None
+      q_names = (in_name,) + tuple(names[n_in:])
+      scale_names = (in_name,) + tuple(names[n_in:])
     setattr(module, name, nnx.Param(q, out_sharding=q_names,
                                     eager_sharding=False))
     setattr(module, name + SCALE_SUFFIX,

@@ -28,7 +28,6 @@ from flax import nnx
 from alignax import losses
 from alignax import sharding as shd
 from alignax.models import heads
-from alignax.models import lora
 from alignax.objectives import gradcache as gc
 from alignax.objectives import lm
 
@@ -184,16 +183,14 @@ def _contrastive(model, batch, *, loss_fn, chunk_size, bidirectional,
   inputs = {"tokens": tokens.reshape(b * v, t),  # [B * V, T]
             "segment_ids": segment_ids.reshape(b * v, t)}
   graphdef, state = nnx.split(model)
-  # Under LoRA only the adapters and the head are differentiated (the
-  # frozen base, maybe int8 / nf4, is a constant); else everything.
-  params, fixed = lora.split_trainable(nnx.to_pure_dict(state))
+  params = nnx.to_pure_dict(state)
 
   def embed(p, x):
-    return nnx.merge(graphdef, lora.merge_trainable(p, fixed)).encode(
-        x["tokens"], x["segment_ids"], bidirectional=bidirectional)
+    return nnx.merge(graphdef, p).encode(x["tokens"], x["segment_ids"],
+                                         bidirectional=bidirectional)
 
   def loss_of(emb, p):
-    head = nnx.merge(graphdef, lora.merge_trainable(p, fixed)).head
+    head = nnx.merge(graphdef, p).head
     scale, bias = head.logit_scale(), head.logit_bias[...]
     emb = emb.reshape(b, v, -1)  # [B, V, D]
     per_example = loss_fn(emb, scale, bias)
