@@ -54,7 +54,8 @@ SHAPES = {
 }
 CHIPS = {"v5p-8": 4, "v5p-128": 64}
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v5p-8",
-           TPU_WORKER_HOSTNAMES="localhost", TF_CPP_MIN_LOG_LEVEL="3")
+           TPU_WORKER_HOSTNAMES="localhost", TF_CPP_MIN_LOG_LEVEL="3",
+           ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 
 _ALIGNAX = """
 import json, sys

@@ -19,39 +19,26 @@ fine-tuning's 5e-7: the low-rank update is small and starts at zero); rank
 16, alpha 32 as in the alignment handbook's LoRA recipes.
 """
 
-from alignax import defaults
+import importlib.util
+import os
+
+
+def _dpo_from_hf():
+  """``configs/dpo_from_hf.py`` beside this file (configs are no package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "dpo_from_hf.py")
+  spec = importlib.util.spec_from_file_location("alignax_dpo_from_hf", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config(arg=None):
-  c = defaults.base_config()
-  c.objective = "dpo"  # TRL's DPO (loss_type='sigmoid')
+  c = _dpo_from_hf().get_config(arg)  # TRL-like DPO from an HF directory
   c.reference = "base"  # the policy with its adapters off: no second copy
   c.lora.enabled = True  # adapters on the targets, the base frozen
   c.lora.rank = 16  # adapter rank
   c.lora.alpha = 32.0  # scale alpha / rank = 2
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # all linear kernels
-  c.checkpoint.init_from = arg or ""  # the HF directory (config arg)
-  c.model.dtype = "bfloat16"  # compute dtype (weights stay fp32)
-  c.model.remat = "full"  # recompute activations: rows of 2k tokens fit
-  c.data.task = "preference"  # packed preference batches
-  c.data.source = "jsonl"  # jsonl (also .jsonl.gz / .zst) | parquet
-  c.data.paths = ()  # the training files (required)
-  c.data.eval_paths = ()  # held-out files; () = carve eval_fraction out
-  c.data.eval_fraction = 0.05  # share of paths' records held out
-  c.data.preference.format = "pairs"  # TRL's pairs (explicit or implicit)
-  c.data.preference.max_prompt_len = 512  # TRL's max_prompt_length
-  c.data.preference.max_response_len = 512  # TRL: max_length - prompt
-  c.data.preference.groups_per_row = 2  # pairs packed per 2048-token row
-  c.preference.beta = 0.1  # TRL's default beta
   c.optimizer.lr = 5e-6  # LoRA DPO learning rate
-  c.optimizer.warmup_steps = 100  # 10% of train.steps
-  c.optimizer.final_lr_ratio = 0.0  # decay to 0, as TRL's schedulers
-  c.optimizer.weight_decay = 0.0  # TRL's default
-  c.train.steps = 1000  # optimizer steps
-  c.train.batch_size = 32  # rows per step (up to 64 pairs)
-  c.train.seq_len = 2048  # tokens per row: prompt + chosen + rejected
-  c.train.log_every = 10  # steps between metrics lines
-  c.train.eval_every = 100  # held-out reward accuracy and margins
-  c.train.eval_batches = 8  # held-out batches per evaluation
-  c.checkpoint.save_every = 250  # steps between checkpoints
   return c
