@@ -103,8 +103,8 @@ def load_init_params(source: str, target, *, mesh, rules,
 
 def _check_not_quantizing(source, target) -> None:
   """A float alignax checkpoint does not restore into quantized kernels."""
-  quantized = any(k[-1].endswith(quant.SCALE_SUFFIX)
-                  for k in traverse_util.flatten_dict(target))
+  flat = traverse_util.flatten_dict(target)
+  quantized = any(quant.kernel_of_scale(k, flat) for k in flat)
   recorded = ckpt_lib.read_model_config(source) or {}
   if quantized and recorded.get("quant", "none") == "none":
     raise ValueError(

@@ -133,6 +133,19 @@ def kernel(module: nnx.Module, name: str, dtype, in_shape=None) -> jax.Array:
   return dequantize_nf4(w, scale[...], in_shape, dtype)
 
 
+def kernel_of_scale(key, flat):
+  """The kernel key whose quantization scale ``key`` is, or None.
+
+  ``key`` (a flattened path) is a scale when it ends with ``SCALE_SUFFIX``
+  and the kernel it names is in ``flat``; other names ending in ``_scale``
+  (a contrastive head's ``logit_scale``) are not.
+  """
+  if not key[-1].endswith(SCALE_SUFFIX):
+    return None
+  kernel_key = key[:-1] + (key[-1].removesuffix(SCALE_SUFFIX),)
+  return kernel_key if kernel_key in flat else None
+
+
 def quantize_loaded(params, target):
   """Float kernels of ``params`` quantized where ``target`` holds a scale.
 
@@ -143,9 +156,9 @@ def quantize_loaded(params, target):
   flat = traverse_util.flatten_dict(params)
   want = traverse_util.flatten_dict(target)
   for key, spec in want.items():
-    if not key[-1].endswith(SCALE_SUFFIX):
+    kernel_key = kernel_of_scale(key, want)
+    if kernel_key is None:
       continue
-    kernel_key = key[:-1] + (key[-1].removesuffix(SCALE_SUFFIX),)
     w = flat[kernel_key]
     if w.dtype == want[kernel_key].dtype:
       continue  # already quantized
