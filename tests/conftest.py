@@ -1,9 +1,14 @@
 """Test setup: 8 forced CPU devices so sharding tests can build real meshes."""
 import os
 
-# Must happen before jax is imported anywhere.
+# Must happen before jax is imported anywhere. The 8 CPU devices meet in
+# XLA's collectives; on a loaded 2-core machine (two pytest workers) a
+# participant can reach the rendezvous later than XLA's default 40 s, and
+# XLA then aborts the whole process: wait longer instead.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    " --xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
