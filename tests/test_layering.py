@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 LAYERS = (
     # bottom: arrays and infrastructure, no run config
     ("losses", "models", "policy", "sharding", "checkpoint", "metrics",
-     "interop", "interop.hf_config", "cli"),
+     "interop", "interop.hf_config", "cli", "rewards"),
     ("data",),
     ("state",),
     ("step", "interop.hf", "interop.peft"),

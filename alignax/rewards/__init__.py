@@ -1,0 +1,9 @@
+"""Rewards for online RL: a subprocess sandbox, verifiable reward functions
+(exact match, unit tests) with a registry, and multi-reward combination.
+
+Pure Python and NumPy; no model, no JAX. Linux only (the sandbox).
+"""
+
+from alignax.rewards import combine
+from alignax.rewards import sandbox
+from alignax.rewards import verifiable
