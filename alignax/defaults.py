@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # adapters add (alpha / r) x A B (rslora: alpha / sqrt(r))
   c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
+  c.lora.dropout = 0.0  # dropout on each adapter's input in train steps (PEFT's lora_dropout; not with GradCache)
   c.lora.quant = "none"  # none | int8 | nf4: block kernels stored quantized, dequantized in the matmul (QLoRA)
 
   c.preference = ml_collections.ConfigDict()  # preference objectives (dpo, lipo, kto, ...)
@@ -262,6 +263,7 @@ def _get(c, field):
   return c
 
 
+    "lora.dropout": (_fraction, "in [0, 1)"),
 def check_values(c: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the field for a value no run can use.
 
@@ -411,3 +413,10 @@ if __name__ == "__main__":
   # python -m alignax.defaults: every field, its default and what it means.
   for name, value, comment in field_docs():
     print(f"--config.{name}={value!r}  # {comment}")
+  if (c.lora.enabled and c.lora.dropout and c.objective in ("contrastive", "cafe")
+      and c.contrastive.chunk_size):
+    # GradCache recomputes each sub-batch in its backward pass, traced after
+    # the step's dropout key is gone: the two passes would disagree.
+    raise ValueError(f"config.lora.dropout={c.lora.dropout} with "
+                     "config.contrastive.chunk_size > 0 (GradCache) is not "
+                     "supported: set chunk_size=0 or lora.dropout=0")

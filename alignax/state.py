@@ -73,7 +73,8 @@ def apply_lora_config(model_cfg: ModelConfig,
   return dataclasses.replace(
       model_cfg, lora_rank=int(lora_cfg["rank"]),
       lora_alpha=float(lora_cfg["alpha"]), lora_rslora=bool(lora_cfg["rslora"]),
-      lora_targets=tuple(lora_cfg["targets"]), quant=str(lora_cfg["quant"]))
+      lora_targets=tuple(lora_cfg["targets"]), quant=str(lora_cfg["quant"]),
+      lora_dropout=float(lora_cfg.get("dropout", 0.0)))
 
 
 def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:

@@ -40,6 +40,9 @@ class LossScaleConfig:
   min_scale: float = 1.0
 
 
+_LORA_DROPOUT_SALT = 0x10A  # fold_in constant of the adapters' dropout key
+
+
 def _split_microbatches(batch, microbatches: int, mesh):
   """``[B, ...] -> [M, B/M, ...]`` taking every M-th row into one microbatch.
 
@@ -77,8 +80,11 @@ def make_grad_fn(objective, graphdef, *, microbatches: int = 1, mesh=None):
 
   def loss_fn(train, fixed, batch, rng, frozen, scale, extras):
     model = nnx.merge(graphdef, lora.merge_trainable(train, fixed))
-    loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen,
-                                           **_extras_kwarg(extras))
+    # LoRA dropout (if any adapter has a rate) in train steps only; its key
+    # is folded off the step's so the objective's own draws do not change.
+    with lora.dropout_rng(jax.random.fold_in(rng, _LORA_DROPOUT_SALT)):
+      loss_sum, (count, metrics) = objective(model, batch, rng, frozen=frozen,
+                                             **_extras_kwarg(extras))
     return loss_sum * scale, (count, metrics)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)

@@ -61,9 +61,15 @@ def metrics_lines(workdir):
     return [json.loads(line) for line in f]
 
 
+def _with_dropout(c):
+  c.lora.dropout = 0.1  # PEFT's lora_dropout: keyed by the step's rng
+  return c
+
+
 def test_lora_dpo_starts_at_log2_trains_only_adapters_and_resumes(
     tok_dir, tmp_path):
-  straight, _ = train.run(lora_recipe(tok_dir), str(tmp_path / "a"))
+  straight, _ = train.run(_with_dropout(lora_recipe(tok_dir)),
+                          str(tmp_path / "a"))
   lines = metrics_lines(str(tmp_path / "a"))
   eval0 = next(m for m in lines if m["step"] == 0)
   train1 = next(m for m in lines if m["step"] == 1 and "train/loss" in m)
@@ -89,8 +95,9 @@ def test_lora_dpo_starts_at_log2_trains_only_adapters_and_resumes(
   assert straight.frozen is None  # no second copy
 
   # Stop at step 2, resume: bitwise the straight run.
-  train.run(lora_recipe(tok_dir, steps=2), str(tmp_path / "b"))
-  resumed, _ = train.run(lora_recipe(tok_dir), str(tmp_path / "b"))
+  train.run(_with_dropout(lora_recipe(tok_dir, steps=2)), str(tmp_path / "b"))
+  resumed, _ = train.run(_with_dropout(lora_recipe(tok_dir)),
+                         str(tmp_path / "b"))
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(straight.state.params),
                jax.device_get(resumed.state.params))
@@ -187,6 +194,13 @@ def test_base_reference_needs_lora(tok_dir):
   c.lora.quant = "int8"
   with pytest.raises(ValueError, match="GradCache"):
     train.defaults.validate(c, num_devices=8, batch_ways=8)
+  c = _other_path(tok_dir, "contrastive")
+  c.lora.dropout = 0.1
+  with pytest.raises(ValueError, match=r"lora.dropout=0.1 with .*GradCache"):
+    train.defaults.validate(c, num_devices=8, batch_ways=8)
+  c.lora.dropout = 1.5
+  with pytest.raises(ValueError, match=r"lora.dropout"):
+    train.defaults.check_values(c)
   c = lora_recipe(tok_dir)
   c.lora.enabled = False
   with pytest.raises(ValueError, match="lora.enabled"):
@@ -246,7 +260,8 @@ def _other_path(tok_dir, objective):
 # The reward-model path is left out too: its LoRA 8-device step hung in an
 # XLA CPU collective in 2 of 3 full-suite runs (a deadlock, not a slow
 # rendezvous: it outlasted a 600 s timeout).
-@pytest.mark.parametrize("objective,heads", [("lm", ())])
+@pytest.mark.parametrize("objective,heads", [
+    ("lm", ()), ("reward_model", ("reward_head", "reward_bias"))])
 def test_the_same_adapters_train_on_the_other_paths(tok_dir, tmp_path,
                                                     objective, heads):
   trainer, last = train.run(_other_path(tok_dir, objective),

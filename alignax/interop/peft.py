@@ -55,7 +55,7 @@ def adapter_config(cfg: ModelConfig, base_model: str = '') -> dict:
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
       'base_model_name_or_path': base_model or None,
       'r': cfg.lora_rank, 'lora_alpha': cfg.lora_alpha,
-      'use_rslora': cfg.lora_rslora, 'lora_dropout': 0.0, 'bias': 'none',
+      'use_rslora': cfg.lora_rslora, 'lora_dropout': cfg.lora_dropout, 'bias': 'none',
       'fan_in_fan_out': False, 'inference_mode': True,
       'init_lora_weights': True, 'modules_to_save': None,
       'target_modules': sorted(HF_MODULES[t].split('.')[-1]
@@ -160,6 +160,7 @@ def run_config(config):
   c.lora.update(enabled=True, rank=int(adapter['r']),
                 alpha=float(adapter['lora_alpha']),
                 rslora=bool(adapter.get('use_rslora', False)),
+                dropout=float(adapter.get('lora_dropout') or 0.0),
                 targets=_targets(adapter))
   c.checkpoint.init_from = base
   c = hf.run_config(c)

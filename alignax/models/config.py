@@ -33,7 +33,7 @@ LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # Fields set from the run config's ``lora`` block, not mirrored in
 # ``config.model`` (code that copies fields between them skips these).
 ADAPTER_FIELDS = ('lora_rank', 'lora_alpha', 'lora_rslora', 'lora_targets',
-                  'quant')
+                  'lora_dropout', 'quant')
 # ``ModelConfig.quant``: storage of the frozen block kernels under LoRA.
 QUANTS = ('none', 'int8', 'nf4')
 
@@ -95,6 +95,8 @@ class ModelConfig:
     lora_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
     lora_targets: kernels that get adapters, names from
       ``alignax.models.lora.TARGETS`` (q, k, v, o, gate, up, down).
+    lora_dropout: dropout rate on each adapter's input in training steps
+      (PEFT's ``lora_dropout``); 0 = none.
     quant: storage of the (frozen) block kernels, one of ``QUANTS``:
       ``'int8'`` or ``'nf4'`` (QLoRA, ``alignax.models.quant``) need LoRA.
   """
@@ -134,6 +136,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_rslora: bool = False
   lora_targets: tuple[str, ...] = ()
+  lora_dropout: float = 0.0
   quant: str = 'none'
 
   def __post_init__(self):
@@ -210,6 +213,9 @@ class ModelConfig:
     if not self.lora_alpha > 0:
       raise ValueError(
           f'ModelConfig.lora_alpha={self.lora_alpha!r} must be > 0.')
+    if not 0 <= self.lora_dropout < 1:
+      raise ValueError(
+          f'ModelConfig.lora_dropout={self.lora_dropout!r} must lie in [0, 1).')
 
   def num_params(self) -> int:
     """Exact number of parameters of the model built from this config."""

@@ -36,8 +36,10 @@ References:
   Kalajdzievski, 2023, A Rank Stabilization Scaling Factor for Fine-Tuning
   with LoRA (rsLoRA).
 """
+import contextlib
 import dataclasses
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,7 @@ class LoraSpec:
   alpha: float
   rslora: bool
   targets: tuple[str, ...]
+  dropout: float = 0.0
 
   @property
   def scale(self) -> float:
@@ -77,7 +80,51 @@ def spec_of(cfg) -> LoraSpec | None:
   if not cfg.lora_rank:
     return None
   return LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_rslora,
-                  tuple(cfg.lora_targets))
+                  tuple(cfg.lora_targets), cfg.lora_dropout)
+
+
+# --- dropout on the adapters' inputs (train steps only) -------------------------
+#
+# PEFT applies ``lora_dropout`` to the adapter's input: ``s B A drop(x)``.
+# The key is not a model variable (a key inside the model would follow the
+# frozen reference and the parameter tree around): the train step opens
+# :func:`dropout_rng` around its objective, the transformer splits the key
+# over its stacked layers (a scanned input, so remat recomputes the same
+# masks) and opens :func:`layer_rng` around each layer; each adapter folds
+# in its kernel's index. Outside a train step nothing is dropped.
+
+_DROPOUT = threading.local()
+
+
+@contextlib.contextmanager
+def _scoped(name, value):
+  old = getattr(_DROPOUT, name, None)
+  setattr(_DROPOUT, name, value)
+  try:
+    yield
+  finally:
+    setattr(_DROPOUT, name, old)
+
+
+def dropout_rng(key: jax.Array | None):
+  """Context: adapters with ``dropout > 0`` drop inputs, keyed by ``key``."""
+  return _scoped('step', key)
+
+
+def step_dropout_rng() -> jax.Array | None:
+  """The key of the enclosing :func:`dropout_rng`, None outside one."""
+  return getattr(_DROPOUT, 'step', None)
+
+
+def layer_rng(key: jax.Array | None):
+  """Context: the dropout key of the layer being applied."""
+  return _scoped('layer', key)
+
+
+def uses_dropout(model: nnx.Module) -> bool:
+  """True when some enabled adapter of ``model`` has a dropout rate."""
+  return any(isinstance(m, LoraAdapter) and m.enabled and m.dropout > 0
+             for _, m in nnx.iter_modules(model))
 
 
 class LoraAdapter(nnx.Module):
@@ -94,7 +141,7 @@ class LoraAdapter(nnx.Module):
   """
 
   def __init__(self, shape, names, n_in: int, spec: LoraSpec, *, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, salt: int = 0):
     r = spec.rank
     # Uniform(+-1/sqrt(fan_in)): PEFT's kaiming_uniform(a=sqrt(5)) default.
     a_init = nnx.initializers.variance_scaling(
@@ -106,11 +153,19 @@ class LoraAdapter(nnx.Module):
                     (None,) + tuple(names[n_in:]), param_dtype)
     self.n_in = n_in
     self.scale = spec.scale
+    self.dropout = spec.dropout
+    self.salt = salt  # its kernel's index in TARGETS: one mask per adapter
     self.enabled = True
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    """``s (x A) B``: ``[..., in...] -> [..., out...]`` in ``dtype``."""
+    """``s (drop(x) A) B``: ``[..., in...] -> [..., out...]`` in ``dtype``."""
     x = x.astype(dtype)
+    key = getattr(_DROPOUT, 'layer', None)
+    if self.dropout > 0 and key is not None:
+      keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt),
+                                  1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dtype),
+                    jnp.zeros((), dtype))
     xa = jnp.tensordot(x, self.a[...].astype(dtype), axes=self.n_in)  # [..., r]
     xab = jnp.tensordot(xa, self.b[...].astype(dtype), axes=1)
     return xab * jnp.asarray(self.scale, dtype)
@@ -139,7 +194,7 @@ def make_adapters(module: nnx.Module, spec: LoraSpec | None, kernels, *,
     if name in spec.targets:
       setattr(module, name + SUFFIX,
               LoraAdapter(shape, names, n_in, spec, param_dtype=param_dtype,
-                          rngs=rngs))
+                          rngs=rngs, salt=TARGETS.index(name)))
 
 
 def add(module: nnx.Module, name: str, y: jax.Array, x: jax.Array,

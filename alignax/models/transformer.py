@@ -216,13 +216,20 @@ class Transformer(nnx.Module):
 
   def _apply_blocks(self, x, positions, mask):
     """Scans ``x [B, T, D]`` through the stacked blocks (``mask``: MaskInfo)."""
+    # LoRA dropout in a train step: one key per layer, scanned alongside.
+    step_key = lora.step_dropout_rng()
+    if step_key is not None and not lora.uses_dropout(self.blocks):
+      step_key = None
+    keys = (jnp.zeros((self.cfg.n_layers,), jnp.int32) if step_key is None
+            else jax.random.split(step_key, self.cfg.n_layers))
 
-    def body(block, x, window):
+    def body(block, x, window, key):
       # ZeRO-3: this layer's weights are gathered whole, rows stay put.
       block = sharding.gather_params(block, self.cfg.dtype)
       layer_mask = mask._replace(window=window) if self.cfg.layer_windows else (
           mask)
-      x = block(sharding.constrain(x, ACTIVATION_BTD), positions, layer_mask)
+      with lora.layer_rng(None if step_key is None else key):
+        x = block(sharding.constrain(x, ACTIVATION_BTD), positions, layer_mask)
       return sharding.constrain(x, ACTIVATION_BTD)
 
     if self.cfg.remat != 'none':
@@ -230,13 +237,13 @@ class Transformer(nnx.Module):
       body = nnx.remat(body, policy=REMAT_POLICIES[self.cfg.remat],
                        prevent_cse=False)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
               transform_metadata=_LAYERS_METADATA,
               unroll=1 if self.cfg.scan_layers else True)
-    def scan_blocks(x, block, window):
-      return body(block, x, window)
+    def scan_blocks(x, block, window, key):
+      return body(block, x, window, key)
 
-    return scan_blocks(x, self.blocks, self._windows())
+    return scan_blocks(x, self.blocks, self._windows(), keys)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:

@@ -171,3 +171,88 @@ def test_param_count_and_config_checks():
     lora_cfg(lora_targets=())
   # JSON hands lists back (model_config.json): still hashable.
   assert hash(lora_cfg(lora_targets=['q', 'v']))
+
+
+# --- dropout on the adapters' input (PEFT's lora_dropout) --------------------
+
+
+def test_dropout_drops_adapter_inputs_unbiased_and_only_in_train_steps():
+  spec = lora.LoraSpec(rank=3, alpha=6.0, rslora=False, targets=('up',),
+                       dropout=0.25)
+  adapter = lora.LoraAdapter((16, 24), ('embed', 'mlp'), 1, spec,
+                             param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                             salt=2)
+  rng = np.random.default_rng(0)
+  adapter.b[...] = jnp.asarray(rng.normal(size=(3, 24)), jnp.float32)
+  a, b = np.asarray(adapter.a[...]), np.asarray(adapter.b[...])
+  x = rng.normal(size=(4000, 16)).astype(np.float32)
+  plain = 2.0 * (x @ a) @ b  # s = alpha / r = 2
+  # No layer key (eval, generation, the reference): nothing is dropped.
+  np.testing.assert_allclose(adapter(jnp.asarray(x), jnp.float32), plain,
+                             rtol=1e-5, atol=1e-5)
+  key = jax.random.key(7)
+  with lora.layer_rng(key):
+    dropped = np.asarray(adapter(jnp.asarray(x), jnp.float32))
+  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 2), 0.75,
+                                         x.shape))
+  # The NumPy formula: s ((x * keep / (1 - p)) A) B.
+  np.testing.assert_allclose(dropped, 2.0 * ((x * keep / 0.75) @ a) @ b,
+                             rtol=1e-4, atol=1e-4)
+  assert abs(1 - keep.mean() - 0.25) < 0.01
+  # Unbiased: the mean over rows of dropped outputs tracks the plain one.
+  np.testing.assert_allclose(dropped.mean(0), plain.mean(0),
+                             atol=0.05 * np.abs(plain).mean())
+
+
+def test_dropout_in_a_step_is_keyed_and_remat_recomputes_its_masks():
+  cfg = lora_cfg(lora_dropout=0.5)
+  params = randomise_b(state_lib.init_params(cfg, 0))
+  graphdef, _ = state_lib.abstract_model(cfg)
+  plain = nnx.merge(graphdef, params)(tokens())
+  loss = lambda p, c: jnp.sum(nnx.merge(c, p)(tokens()) ** 2)
+
+  def run(g, key):
+    with lora.dropout_rng(key):
+      return jax.value_and_grad(loss)(params, g)
+
+  key = jax.random.key(3)
+  value, grads = run(graphdef, key)
+  assert abs(float(value) - float(jnp.sum(plain ** 2))) > 1e-3
+  # Same key, same masks; another key, others.
+  np.testing.assert_array_equal(run(graphdef, key)[0], value)
+  assert float(run(graphdef, jax.random.key(4))[0]) != float(value)
+  # Remat recomputes the forward in the backward pass: the same masks.
+  remat_def, _ = state_lib.abstract_model(
+      ModelConfig(**BASE, lora_rank=4, lora_targets=ALL, lora_dropout=0.5,
+                  remat='full'))
+  r_value, r_grads = run(remat_def, key)
+  np.testing.assert_allclose(r_value, value, rtol=1e-6)
+  for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(r_grads)):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r'lora_dropout=1\.0 must lie in'):
+    lora_cfg(lora_dropout=1.0)
+
+
+def test_train_steps_apply_dropout_and_other_callers_do_not():
+  from alignax import step as step_lib
+
+  def objective(model, batch, rng, *, frozen):
+    del rng, frozen
+    return jnp.sum(model(batch) ** 2), (jnp.float32(1), {})
+
+  params = randomise_b(jax.jit(lambda: state_lib.init_params(lora_cfg(), 0))())
+  grads, logits = {}, {}
+  for rate in (0.0, 0.3):
+    graphdef, _ = state_lib.abstract_model(lora_cfg(lora_dropout=rate))
+    grad_fn = jax.jit(step_lib.make_grad_fn(objective, graphdef))
+    grads[rate] = [grad_fn(params, tokens(), jax.random.key(s), None,
+                           jnp.float32(1))[0] for s in (0, 1)]
+    # Outside a train step (eval, sampling, scoring): the plain model.
+    logits[rate] = jax.jit(lambda p, g=graphdef: nnx.merge(g, p)(tokens()))(
+        params)
+  np.testing.assert_array_equal(logits[0.3], logits[0.0])
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in
+                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(*grads[0.0])  # no dropout: the step's key changes nothing
+  assert not same(*grads[0.3])  # dropout: each step's key, its own masks
+  assert not same(grads[0.0][0], grads[0.3][0])
