@@ -62,6 +62,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from alignax import checkpoint as ckpt_lib
 from alignax import cli
 from alignax import generate as gen
 from alignax import init_from
@@ -72,6 +73,7 @@ from alignax.data import preference_task
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf
 from alignax.models import heads
+from alignax.models.config import ADAPTER_FIELDS
 
 # Objectives trained on K-lists; every other one gets best/worst pairs.
 LIST_OBJECTIVES = ("lipo",)
@@ -179,7 +181,8 @@ class RewardModelScorer:
 
   def __init__(self, config, path: str, tokenizer, mesh=None):
     self._tok, self._pref = tokenizer, config.data.preference
-    cfg = state_lib.build_model_config(config.model, tokenizer)
+    cfg = with_recorded_adapters(
+        state_lib.build_model_config(config.model, tokenizer), path)
     mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self._graphdef, self._params = init_from.model_params(
         path, cfg, mesh, config.sharding_rules, build=heads.RewardModel)
@@ -214,6 +217,21 @@ class RewardModelScorer:
       out.append(dict(r, scores=scores[i:i + k]))
       i += k
     return out
+
+
+def with_recorded_adapters(cfg, path: str):
+  """``cfg`` with the LoRA adapters (and quantization) that the run of
+  ``path`` trained with, as its recorded model config says: a reward model
+  trained with ``config.lora`` scores with its adapters, whatever the
+  policy's own ``config.lora``."""
+  if not path or hf.is_hf_dir(path):
+    return cfg
+  recorded = ckpt_lib.read_model_config(path)
+  if not recorded or not recorded.get("lora_rank"):
+    return cfg
+  return dataclasses.replace(cfg, **{
+      f: tuple(recorded[f]) if f == "lora_targets" else recorded[f]
+      for f in ADAPTER_FIELDS if f in recorded})
 
 
 @functools.partial(jax.jit, static_argnums=0)

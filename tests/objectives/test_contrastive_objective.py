@@ -1,5 +1,6 @@
 """Contrastive and CAFe objectives: GradCache exactness, sharding, mixing."""
 
+import dataclasses
 import functools
 import math
 
@@ -9,14 +10,17 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
 from alignax import defaults
 from alignax import objectives
 from alignax import sharding as shd
 from alignax import state as state_lib
+from alignax import step as step_lib
 from alignax.models import ModelConfig
 from alignax.models import heads
+from alignax.models import lora
 from alignax.objectives import contrastive as con
 from alignax.objectives import gradcache
 from alignax.objectives import lm
@@ -299,3 +303,59 @@ def test_head_config_and_validation():
     with pytest.raises(ValueError, match=match):
       defaults.validate(c, num_devices=8, batch_ways=8)
   assert isinstance(c.contrastive, ml_collections.ConfigDict)
+
+
+def _lora_params(cfg, build, seed=0):
+  """Params of ``build(cfg)`` with nonzero LoRA ``B`` (the base untouched)."""
+  params = jax.jit(lambda: state_lib.init_params(cfg, seed, build))()
+  flat = traverse_util.flatten_dict(params)
+  keys = iter(jax.random.split(jax.random.key(seed + 1), len(flat)))
+  return traverse_util.unflatten_dict({
+      k: (0.1 * jax.random.normal(next(keys), v.shape, v.dtype)
+          if lora.is_adapter_path(k) and k[-1] == "b" else v)
+      for k, v in flat.items()})
+
+
+def test_lora_adapters_train_through_gradcache_and_cafe():
+  """One state, every path: the same adapters on the contrastive objective
+  (GradCache = whole batch) and CAFe; gradients reach only adapters and the
+  embedding head. One device (see test_one_device_equals_eight for 8)."""
+  cfg = dataclasses.replace(CFG, lora_rank=2, lora_targets=("q", "v", "up"))
+  graphdef, _ = state_lib.abstract_model(cfg, BUILD)
+  params = _lora_params(cfg, BUILD)
+  batch = make_batch(b=8, seed=7)
+  whole = functools.partial(con.contrastive_objective,
+                            loss_fn=con.views_loss("clip"))
+  cached = functools.partial(con.contrastive_objective, chunk_size=4,
+                             loss_fn=con.views_loss("clip"))
+  grads = {}
+  for name, objective in (("whole", whole), ("gradcache", cached)):
+    grad_fn = jax.jit(step_lib.make_grad_fn(objective, graphdef))
+    grads[name] = grad_fn(params, batch, jax.random.key(0), None,
+                          jnp.float32(1))[0]
+  assert_trees_close(grads["gradcache"], grads["whole"], rtol=1e-4,
+                     scale_atol=1e-5)
+  flat = traverse_util.flatten_dict(grads["whole"])
+  base = set(traverse_util.flatten_dict(lora.split_trainable(params)[1]))
+  assert base and not base & set(flat)  # no gradient for the frozen base
+  adapters = [k for k in flat if lora.is_adapter_path(k)]
+  assert len(adapters) == 2 * 3 and all(
+      np.abs(flat[k]).max() > 0 for k in adapters)
+  assert set(flat) - set(adapters)  # the embedding head trains too
+
+  rng = np.random.default_rng(5)
+  for k in ("inputs", "targets"):
+    batch["lm_" + k] = rng.integers(1, CFG.vocab_size, (8, 10)).astype(np.int32)
+  batch["lm_weights"] = np.ones((8, 10), np.float32)
+  batch["lm_positions"] = np.tile(np.arange(10, dtype=np.int32), (8, 1))
+  batch["lm_segment_ids"] = np.ones((8, 10), np.int32)
+  batch["lm_prefix"] = np.zeros((8, 10), bool)
+  cafe = functools.partial(con.cafe_objective, contrastive=whole,
+                           language=lm.lm_objective, weight=0.3, lm_weight=2.0)
+  grad_fn = jax.jit(step_lib.make_grad_fn(cafe, graphdef))
+  cafe_grads = traverse_util.flatten_dict(
+      grad_fn(params, batch, jax.random.key(0), None, jnp.float32(1))[0])
+  assert set(cafe_grads) == set(flat)
+  assert all(np.isfinite(g).all() for g in cafe_grads.values())
+  # The LM term moves the adapters beyond the contrastive gradient alone.
+  assert not np.allclose(cafe_grads[adapters[0]], 0.3 * flat[adapters[0]])

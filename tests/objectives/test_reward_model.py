@@ -1,5 +1,6 @@
 """Reward model: Bradley–Terry loss, packed slot rewards, training, scoring."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -193,3 +194,77 @@ def test_train_reward_model_then_score_samples(tmp_path):
       tokens = jnp.asarray([row], jnp.int32)
       want = nnx.merge(graphdef, params).score(tokens, jnp.ones_like(tokens))
       np.testing.assert_allclose(score, float(want[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_scores_with_them(
+    tmp_path):
+  """A reward model with LoRA: at B = 0 it scores as its base; gradients
+  reach only the adapters and the head (one device); the on-policy scorer
+  reads the adapters from the checkpoint whatever the policy's config.lora."""
+  from flax import traverse_util
+  from alignax import step as step_lib
+  from alignax.models import lora
+  cfg = dataclasses.replace(CFG, lora_rank=2, lora_targets=("q", "down"))
+  graphdef = state_lib.abstract_model(cfg, heads.RewardModel)[0]
+  batch = _packed(_pairs(9), True)
+  fresh = jax.jit(lambda: state_lib.init_params(cfg, 0, heads.RewardModel))()
+  base_flat = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
+               if not lora.is_adapter_path(k)}
+  slot = jax.jit(lambda g, p: reward.slot_rewards(nnx.merge(g, p), batch),
+                 static_argnums=0)
+  np.testing.assert_array_equal(
+      slot(graphdef, fresh),
+      slot(GRAPHDEF, traverse_util.unflatten_dict(base_flat)))
+
+  params = _params(0) | {k: v for k, v in fresh.items()
+                         if k not in ("reward_head", "reward_bias")}
+  flat = traverse_util.flatten_dict(params)
+  keys = iter(jax.random.split(jax.random.key(3), len(flat)))
+  params = traverse_util.unflatten_dict({
+      k: 0.1 * jax.random.normal(next(keys), v.shape) if (
+          lora.is_adapter_path(k) and k[-1] == "b") else v
+      for k, v in flat.items()})
+  grad_fn = jax.jit(step_lib.make_grad_fn(reward.reward_objective, graphdef))
+  grads = traverse_util.flatten_dict(
+      grad_fn(params, batch, jax.random.key(0), None, jnp.float32(1))[0])
+  adapters = {k for k in flat if lora.is_adapter_path(k)}
+  assert set(grads) == adapters | {("reward_head",), ("reward_bias",)}
+  assert all(np.abs(grads[k]).max() > 0 for k in adapters)
+
+  # A LoRA reward model's checkpoint, scored by a policy run without LoRA.
+  tok_dir, workdir = str(tmp_path / "tok"), str(tmp_path / "rm")
+  config = _recipe(tok_dir)
+  config.lora.update(enabled=True, rank=2, targets=("q", "down"))
+  trainer = train.Trainer(config, workdir)
+  flat_state = traverse_util.flatten_dict(jax.device_get(trainer.state.params))
+  keys = iter(jax.random.split(jax.random.key(4), len(flat_state)))
+  adapted = traverse_util.unflatten_dict({
+      k: 0.1 * jax.random.normal(next(keys), v.shape, v.dtype) if (
+          lora.is_adapter_path(k) and k[-1] == "b") or k[0] == "reward_head"
+      else v for k, v in flat_state.items()})
+  state = trainer.state.replace(params=jax.device_put(
+      adapted, trainer.shardings.params))
+  trainer.checkpointer.save(0, state, force=True)
+  trainer.checkpointer.wait()
+  from alignax import checkpoint as ckpt_lib
+  ckpt_lib.write_model_config(workdir, trainer.model_cfg)
+  policy_config = _recipe(tok_dir)  # config.lora off: the policy's own
+  scorer = onpolicy.RewardModelScorer(policy_config, workdir,
+                                      trainer.tokenizer, trainer.mesh)
+  records = [{"prompt": "# Return the tag.\ndef ",
+              "responses": ["get_tag(", "x("]}]
+  got = scorer.rescore(records, batch_size=8)[0]["scores"]
+  tok = trainer.tokenizer
+  merged_cfg = dataclasses.replace(trainer.model_cfg, lora_rank=0,
+                                   lora_targets=())
+  merged = lora.merge_into_base(adapted, lora.spec_of(trainer.model_cfg))
+  merged_def = state_lib.abstract_model(merged_cfg, heads.RewardModel)[0]
+  rows = [[tok.bos_id] + tok.encode(records[0]["prompt"]) + tok.encode(text)
+          for text in records[0]["responses"]]
+  tokens = np.zeros((2, max(map(len, rows))), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  want = jax.jit(lambda p, t: nnx.merge(merged_def, p).score(
+      t, (t > 0).astype(jnp.int32)))(merged, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert got[0] != got[1]
