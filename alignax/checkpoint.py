@@ -1,10 +1,11 @@
 """Orbax checkpoints of the train state *and* the grain iterator, preemption.
 
 Each step directory holds ``state/`` (the ``TrainState`` pytree, written by
-every process for its own shards) and ``data/`` (one JSON iterator state per
-process, grain's own handler). Orbax writes into a temporary directory and
-renames it when complete, so an interrupted save never leaves a checkpoint
-that looks finished.
+every process for its own shards), ``data/`` (one JSON iterator state per
+process, grain's own handler) and, when training updates it (TR-DPO),
+``reference/`` (the frozen reference parameters, sharded like ``state``).
+Orbax writes into a temporary directory and renames it when complete, so an
+interrupted save never leaves a checkpoint that looks finished.
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
 
-  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
-    """Saves (asynchronously) unless ``step`` is off-schedule and not forced."""
+  def save(self, step: int, state, data_iter=None, *, force: bool = False,
+           reference=None) -> bool:
+    """Saves (asynchronously) unless ``step`` is off-schedule and not forced.
+
+    ``reference``: parameters saved beside the state (a reference model
+    that training changes); see :meth:`restore_reference`.
+    """
     if not (force or self.should_save(step)):
       return False
     if step in self._mngr.all_steps():
@@ -70,6 +76,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if reference is not None:
+      items["reference"] = ocp.args.StandardSave(reference)
     return self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, data_iter=None):
@@ -90,6 +98,15 @@ class Checkpointer:
               for f in dataclasses.fields(abstract_state) if f.name != "extras"}
     return abstract_state.replace(
         **self._restore(step, fields, data_iter), extras={})
+
+  def restore_reference(self, step: int, abstract_params):
+    """The ``reference`` saved at ``step`` onto ``abstract_params``'
+    shardings, or None when that step has none."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "reference")):
+      return None
+    restored = self._mngr.restore(step, args=ocp.args.Composite(
+        reference=ocp.args.StandardRestore(abstract_params)))
+    return restored["reference"]
 
   def _restore(self, step, target, data_iter):
     items = {"state": ocp.args.StandardRestore(target)}

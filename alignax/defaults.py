@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.discopop_tau = 0.05  # temperature of loss_type='discopop'
   c.preference.simpo_gamma = 0.5  # simpo: target reward margin
   c.preference.ld_alpha = 1.0  # pairs: LD-DPO (TRL ld_alpha) weight of the longer answer's tokens past the shorter one's length (1 = plain DPO)
+  c.preference.use_weighting = False  # dpo: WPO (TRL use_weighting): each pair's loss times the policy's length-normalised, calibrated probability of both answers (no gradient)
+  c.preference.sync_ref_model = False  # TR-DPO (TRL sync_ref_model): every ref_model_sync_steps steps the frozen reference becomes alpha * policy + (1 - alpha) * reference (needs reference='frozen')
+  c.preference.ref_model_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1] (1 = copy the policy); TRL's default
+  c.preference.ref_model_sync_steps = 512  # TR-DPO tau: optimizer steps between reference updates; TRL's default
   c.preference.sft_weight = 0.0  # chosen NLL weight (TRL rpo_alpha / cpo_alpha; npo: retain NLL)
   c.preference.list_loss = "lipo_lambda"  # lipo: lipo_lambda | list_mle | list_softmax | pairwise_logistic | pairwise_hinge
   c.preference.lambda_normalize = False  # lipo_lambda: divide gains by the ideal DCG
@@ -238,6 +242,9 @@ VALUE_CHECKS = {
     "lora.alpha": (_positive, "a finite number > 0"),
     "preference.label_smoothing": (_fraction, "in [0, 1)"),
     "preference.ld_alpha": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    "preference.ref_model_mixup_alpha": (lambda v: _finite(v) and 0 < v <= 1,
+                                         "in (0, 1]"),
+    "preference.ref_model_sync_steps": (_positive_int, "an integer > 0"),
     "preference.sft_weight": (_non_negative, "a finite number >= 0"),
     "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),
@@ -280,6 +287,7 @@ def check_values(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={value!r}: use one of {list(choices)}")
   objectives.spec(c.objective)  # one-line errors naming the known values
   tasks.task(c.data.task)
+  _check_wpo_and_tr_dpo(c)
   d = c.data
   if (d.source in ("jsonl", "parquet", "array_record") and c.train.eval_every
       and not d.eval_paths and not d.eval_fraction):
@@ -294,6 +302,29 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     ModelConfig(**fields)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from None
+
+
+def _check_wpo_and_tr_dpo(c: ml_collections.ConfigDict) -> None:
+  """``preference.use_weighting`` (WPO) and ``sync_ref_model`` (TR-DPO)."""
+  p = c.preference
+  if p.use_weighting and c.objective != "dpo":
+    raise ValueError(f"config.preference.use_weighting=True (WPO) weights "
+                     f"TRL's DPO losses: use it with objective 'dpo', not "
+                     f"{c.objective!r}")
+  if not p.sync_ref_model:
+    return
+  what = "config.preference.sync_ref_model=True (TR-DPO)"
+  if p.cache_reference:
+    raise ValueError(f"{what} updates the reference during training, so its "
+                     "log-probs cannot be precomputed: set config.preference."
+                     "cache_reference=False and config.reference='frozen'")
+  if c.lora.enabled:
+    raise ValueError(f"{what} is not supported with LoRA (as in TRL): mixing "
+                     "adapter factors does not mix the models; set "
+                     "config.lora.enabled=False")
+  if c.reference != "frozen":
+    raise ValueError(f"{what} updates the frozen reference copy: set "
+                     f"config.reference='frozen' (got {c.reference!r})")
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int,

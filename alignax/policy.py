@@ -4,10 +4,10 @@ Everything here works on arrays, never runs a model: the objective runs the
 model, and these turn its logits (or its last hidden states plus the LM-head
 kernel) into the log-probabilities that the preference losses consume.
 :func:`fused_token_logps` (and ``..._and_stats``: log-normaliser, entropy,
-accuracy) goes from hidden states to log-probs without ever holding
-``[B, T, V]`` logits, in the forward or the backward pass;
-:func:`model_token_logps` reads the LM head (kernel, tying, soft-cap, dtype)
-off an alignax model for it.
+accuracy; ``..._and_log_sum_p2``: WPO's log collision probability) goes from
+hidden states to log-probs without ever holding ``[B, T, V]`` logits, in the
+forward or the backward pass; :func:`model_token_logps` reads the LM head
+(kernel, tying, soft-cap, dtype) off an alignax model for it.
 
 Conventions: position ``t`` of ``logits``/``hidden`` scores ``targets[:, t]``;
 callers shift once (``logits[:, :-1]`` against ``tokens[:, 1:]``). ``weights``
@@ -185,7 +185,8 @@ class _Head(NamedTuple):
   softcap: float
   chunk_size: int
   vocab_chunk: int
-  with_stats: bool
+  with_stats: bool  # lse, entropy, argmax
+  with_p2: bool = False  # log sum_v p_v^2
 
 
 class _Online(NamedTuple):
@@ -194,6 +195,7 @@ class _Online(NamedTuple):
   s: Array  # sum_v exp(z_v - m)
   picked: Array  # the target's logit (0 until its chunk is seen)
   a: Array  # sum_v exp(z_v - m) (z_v - m), for the entropy
+  s2: Array  # sum_v exp(2 (z_v - m)), for log sum_v p_v^2
   idx: Array  # first argmax so far
 
 
@@ -229,58 +231,67 @@ def _vocab_chunk(j, vocab, vc):
   return start, cols, cols >= j * vc
 
 
-def _chunk_state(z, cols, fresh, y, with_stats) -> _Online:
+def _chunk_state(z, cols, fresh, y, head) -> _Online:
   zf = jnp.where(fresh, z, -jnp.inf)  # [B, C, Vc]
   m = jnp.max(zf, axis=-1)  # [B, C], finite: every chunk has a fresh column
   shifted = zf - m[..., None]
   e = jnp.exp(shifted)  # 0 on stale columns
   picked = jnp.sum(jnp.where((cols == y[..., None]) & fresh, z, 0.0), axis=-1)
-  if not with_stats:
-    return _Online(m, jnp.sum(e, -1), picked, jnp.zeros_like(m),
+  zero = jnp.zeros_like(m)
+  s2 = jnp.sum(e * e, -1) if head.with_p2 else zero
+  if not head.with_stats:
+    return _Online(m, jnp.sum(e, -1), picked, zero, s2,
                    jnp.zeros(m.shape, jnp.int32))
   a = jnp.sum(e * jnp.where(fresh, shifted, 0.0), axis=-1)
-  return _Online(m, jnp.sum(e, -1), picked, a, cols[jnp.argmax(zf, axis=-1)])
+  return _Online(m, jnp.sum(e, -1), picked, a, s2,
+                 cols[jnp.argmax(zf, axis=-1)])
 
 
-def _merge(x: _Online, y: _Online, with_stats: bool) -> _Online:
+def _merge(x: _Online, y: _Online, head: _Head) -> _Online:
   """State of chunks ``x`` then ``y``; the earlier argmax wins ties."""
   m = jnp.maximum(x.m, y.m)
   cx, cy = jnp.exp(x.m - m), jnp.exp(y.m - m)
-  a = x.a
-  if with_stats:  # sum e^{z-m}(z-m) rescales as e^{m_x-m}(a_x + (m_x-m) s_x)
+  a, s2 = x.a, x.s2
+  if head.with_stats:  # sum e^{z-m}(z-m): e^{m_x-m}(a_x + (m_x-m) s_x)
     a = cx * (x.a + (x.m - m) * x.s) + cy * (y.a + (y.m - m) * y.s)
-  return _Online(m, cx * x.s + cy * y.s, x.picked + y.picked, a,
+  if head.with_p2:  # sum e^{2(z-m)} rescales by e^{2(m_x-m)}
+    s2 = cx * cx * x.s2 + cy * cy * y.s2
+  return _Online(m, cx * x.s + cy * y.s, x.picked + y.picked, a, s2,
                  jnp.where(y.m > x.m, y.idx, x.idx))
 
 
 def _forward_chunk(h, y, kernel, head):
-  """``(logp, lse, entropy, correct)``, each ``[B, C]``, of one chunk."""
+  """``(logp, lse, entropy, log_sum_p2, correct)``, each ``[B, C]``."""
   vocab = kernel.shape[0 if head.transposed else 1]
   vc, count = _balanced(vocab, head.vocab_chunk)
 
   def state(j):
     start, cols, fresh = _vocab_chunk(j, vocab, vc)
     z, _, _ = _chunk_logits(h, kernel, start, vc, head)
-    return _chunk_state(z, cols, fresh, y, head.with_stats)
+    return _chunk_state(z, cols, fresh, y, head)
 
   st = state(0)
   if count > 1:
     st = jax.lax.fori_loop(
-        1, count, lambda j, st: _merge(st, state(j), head.with_stats), st)
+        1, count, lambda j, st: _merge(st, state(j), head), st)
   log_s = jnp.log(st.s)
   lse = st.m + log_s
-  return st.picked - lse, lse, log_s - st.a / st.s, st.idx == y
+  # log sum p^2 = log sum e^{2(z-m)} - 2 log sum e^{z-m}: the max cancels.
+  log_p2 = (jnp.log(st.s2) - 2.0 * log_s if head.with_p2
+            else jnp.zeros_like(lse))
+  return st.picked - lse, lse, log_s - st.a / st.s, log_p2, st.idx == y
 
 
-def _backward_chunk(h, y, cts, lse, ent, kernel, dw, head):
+def _backward_chunk(h, y, cts, lse, ent, log_p2, kernel, dw, head):
   """``dh`` ``[B, C, D]`` of one chunk and ``dw`` with its share added.
 
-  With :math:`p = \\mathrm{softmax}(z)` and cotangents ``g`` of
-  ``(logp, lse, entropy)``:
+  With :math:`p = \\mathrm{softmax}(z)`, :math:`S_2 = \\sum_u p_u^2` and
+  cotangents ``g`` of ``(logp, lse, entropy, log_sum_p2)``:
   :math:`\\partial/\\partial z_v = g_{lp}(\\delta_{vy} - p_v) + g_{lse} p_v
-  - g_H p_v(\\log p_v + H)`, times :math:`1 - \\tanh^2(u_v / c)` under the cap.
+  - g_H p_v(\\log p_v + H) + 2 g_2 p_v (p_v / S_2 - 1)`, times
+  :math:`1 - \\tanh^2(u_v / c)` under the cap.
   """
-  g_logp, g_lse, g_ent = cts
+  g_logp, g_lse, g_ent, g_p2 = cts
   vocab = kernel.shape[0 if head.transposed else 1]
   vc, count = _balanced(vocab, head.vocab_chunk)
   acc = dw.dtype
@@ -294,6 +305,9 @@ def _backward_chunk(h, y, cts, lse, ent, kernel, dw, head):
     coef = (g_lse - g_logp)[..., None]
     if head.with_stats:
       coef = coef - g_ent[..., None] * (logp_v + ent[..., None])
+    if head.with_p2:
+      coef = coef + 2.0 * g_p2[..., None] * (
+          p * jnp.exp(-log_p2)[..., None] - 1.0)
     gz = p * coef + jnp.where((cols == y[..., None]) & fresh,
                               g_logp[..., None], 0.0)  # [B, C, Vc]
     if head.softcap:
@@ -356,18 +370,19 @@ def _fused(hidden, kernel, targets, head):
 
 def _fused_fwd(hidden, kernel, targets, head):
   out = _fused_forward(hidden, kernel, targets, head)
-  return out, (hidden, kernel, targets, out[1], out[2])
+  return out, (hidden, kernel, targets, *out[1:4])
 
 
 def _fused_bwd(head, res, cts):
-  hidden, kernel, targets, lse, ent = res
-  g = [x.astype(lse.dtype) for x in cts[:3]]  # the bool `correct` has none
-  k, _, xs = _seq_chunks(head, hidden, targets, *g, lse, ent)
+  hidden, kernel, targets, lse, ent, log_p2 = res
+  g = [x.astype(lse.dtype) for x in cts[:4]]  # the bool `correct` has none
+  k, _, xs = _seq_chunks(head, hidden, targets, *g, lse, ent, log_p2)
   dw = jnp.zeros(kernel.shape, _compute_dtype(kernel.dtype))
 
   def body(dw, xs):
-    h, y, gl, gs, ge, ls, en = xs
-    dh, dw = _backward_chunk(h, y, (gl, gs, ge), ls, en, kernel, dw, head)
+    h, y, gl, gs, ge, g2, ls, en, l2 = xs
+    dh, dw = _backward_chunk(h, y, (gl, gs, ge, g2), ls, en, l2, kernel, dw,
+                             head)
     return dw, dh
 
   if k == 1:
@@ -394,13 +409,11 @@ def _fused_call(hidden, kernel, targets, head):
         f"{targets.shape}, kernel {kernel.shape}.")
   dtype = jnp.result_type(hidden, kernel)
   length = targets.shape[-1]
-  logp, lse, ent, correct = _fused(
+  out = _fused(
       hidden.reshape(-1, length, d).astype(dtype), kernel.astype(dtype),
       targets.reshape(-1, length).astype(jnp.int32), head)  # each [B, T]
-  shape = targets.shape
-  return logp.reshape(shape), TokenStats(lse.reshape(shape),
-                                         ent.reshape(shape),
-                                         correct.reshape(shape))
+  # (logp, lse, entropy, log_sum_p2, correct); unrequested ones are zeros.
+  return tuple(x.reshape(targets.shape) for x in out)
 
 
 def fused_token_logps(
@@ -486,7 +499,40 @@ def fused_token_logps_and_stats(
     ``(logp, TokenStats(lse, entropy, correct))``, each ``[..., T]``.
   """
   head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, True)
-  return _fused_call(hidden, kernel, targets, head)
+  logp, lse, ent, _, correct = _fused_call(hidden, kernel, targets, head)
+  return logp, TokenStats(lse, ent, correct)
+
+
+def fused_token_logps_and_log_sum_p2(
+    hidden: Array,
+    kernel: Array,
+    targets: Array,
+    *,
+    transposed: bool = False,
+    softcap: float = 0.0,
+    chunk_size: int = 0,
+    vocab_chunk: int = 4096,
+) -> tuple[Array, Array]:
+  r""":func:`fused_token_logps` plus each position's log collision probability.
+
+  Same arguments. The second output is
+
+  .. math::
+    \log\sum_v p_{t,v}^2 = \log\sum_v e^{2 z_{t,v}} - 2\operatorname{lse}_t
+
+  (minus the Renyi-2 entropy), accumulated online over the vocabulary chunks
+  as the log-normaliser is: no ``[B, T, V]`` array in either pass. WPO
+  calibrates token log-probs by it (:func:`alignax.losses.wpo_weights`).
+  Both outputs are differentiable.
+
+  Returns:
+    ``(logp, log_sum_p2)``, each ``[..., T]``, float32 (float64 for float64
+    inputs).
+  """
+  head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, False,
+               True)
+  out = _fused_call(hidden, kernel, targets, head)
+  return out[0], out[3]
 
 
 def _model_head(model):
@@ -517,6 +563,17 @@ def model_token_logps(model, hidden: Array, targets: Array, *,
   """
   kernel, transposed, softcap, dtype = _model_head(model)
   return fused_token_logps(
+      jnp.asarray(hidden).astype(dtype), kernel, targets,
+      transposed=transposed, softcap=softcap, chunk_size=chunk_size,
+      vocab_chunk=vocab_chunk)
+
+
+def model_token_logps_and_log_sum_p2(
+    model, hidden: Array, targets: Array, *, chunk_size: int = 0,
+    vocab_chunk: int = 4096) -> tuple[Array, Array]:
+  """:func:`fused_token_logps_and_log_sum_p2` with ``model``'s LM head."""
+  kernel, transposed, softcap, dtype = _model_head(model)
+  return fused_token_logps_and_log_sum_p2(
       jnp.asarray(hidden).astype(dtype), kernel, targets,
       transposed=transposed, softcap=softcap, chunk_size=chunk_size,
       vocab_chunk=vocab_chunk)

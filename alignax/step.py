@@ -203,6 +203,44 @@ def make_eval_step(objective, graphdef, *, mesh=None, rules=shd.DEFAULT_RULES):
   return _under_mesh(eval_step, mesh, rules)
 
 
+def soft_update(reference, params, *, alpha: float):
+  r"""TR-DPO's update of the frozen reference towards the policy.
+
+  .. math:: \theta_{ref} \leftarrow \alpha\,\theta + (1 - \alpha)\,\theta_{ref}
+
+  As TRL's ``SyncRefModelCallback`` (``ref.mul_(1 - alpha).add_(policy,
+  alpha=alpha)``), leaf by leaf in the reference's dtype; ``alpha = 1``
+  copies the policy exactly.
+
+  Args:
+    reference: the frozen reference parameters (a pytree).
+    params: the policy's parameters, the same tree.
+    alpha: the mixing weight in ``(0, 1]``.
+
+  Returns:
+    the new reference parameters.
+
+  References:
+    Gorbatovski et al., *Learn Your Reference Model for Real Good
+    Alignment*, 2024 (TR-DPO, soft update).
+  """
+  return jax.tree.map(
+      lambda r, p: ((1.0 - alpha) * r + alpha * p.astype(r.dtype)
+                    ).astype(r.dtype), reference, params)
+
+
+def jit_reference_sync(alpha: float, params_shardings):
+  """``sync(reference, params) -> reference``: :func:`soft_update` under jit.
+
+  The reference keeps ``params_shardings`` (it is the policy's tree, sharded
+  the same way) and is donated: the update happens in place, so no second
+  reference copy is ever held.
+  """
+  return jax.jit(lambda r, p: soft_update(r, p, alpha=alpha),
+                 in_shardings=(params_shardings, params_shardings),
+                 out_shardings=params_shardings, donate_argnums=(0,))
+
+
 def jit_train_step(train_step, state_shardings, mesh, frozen_shardings=None,
                    *, rules=shd.DEFAULT_RULES):
   """jit with the state donated and kept in place; ``frozen`` is not donated.

@@ -82,6 +82,14 @@ class Trainer:
     frozen_shardings = self.shardings.params if config.reference == "frozen" else None
     self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh,
                                               frozen_shardings)
+    # TR-DPO: every ref_model_sync_steps steps the reference moves towards
+    # the policy (check_values allows it with reference='frozen' only).
+    self.sync_reference = None
+    self.steps_done = 0  # optimizer steps of the state (state.step, on host)
+    if config.preference.get("sync_ref_model", False):
+      self.sync_reference = step_lib.jit_reference_sync(
+          float(config.preference.ref_model_mixup_alpha), frozen_shardings)
+      self.sync_every = int(config.preference.ref_model_sync_steps)
     self.eval_step = jax.jit(step_lib.make_eval_step(
         self.objective, self.graphdef, mesh=self.mesh,
         rules=config.sharding_rules))
@@ -136,19 +144,29 @@ class Trainer:
     """Resumes from the latest checkpoint in the workdir; returns its step.
 
     Without one, starts from ``config.checkpoint.init_from`` if set. The
-    frozen reference is always the *starting* parameters, also on resume.
+    frozen reference is the *starting* parameters, also on resume; under
+    TR-DPO (``preference.sync_ref_model``) it changes, is checkpointed and
+    comes back from the checkpoint.
     """
     if self.config.checkpoint.init_from:
       self._init_from(self.config.checkpoint.init_from)
     if self.config.reference == "frozen":
       self.frozen = jax.tree.map(jnp.copy, self.state.params)  # never donated
     latest = self.checkpointer.latest_step()
+    self.steps_done = latest or 0
     if latest is None:
       return 0
     target = state_lib.abstract_train_state(self.shardings, self.model_cfg,
                                             self.optimizer, self.build_model,
                                             self.extras)
     self.state = self.checkpointer.restore(latest, target, self.data_iter)
+    if self.sync_reference is not None:
+      synced = self.checkpointer.restore_reference(latest, target.params)
+      if synced is None:  # saved by a run without TR-DPO: still the start
+        logging.warning("step %d has no saved reference: the reference "
+                        "restarts from the starting parameters", latest)
+      else:
+        self.frozen = synced
     logging.info("resumed from step %d", latest)
     return latest
 
@@ -171,7 +189,16 @@ class Trainer:
   def step(self, batch):
     self.state, m = self.train_step(self.state, shd.host_to_global(batch, self.mesh),
                                     self.frozen)
+    self.steps_done += 1
+    if (self.sync_reference is not None
+        and self.steps_done % self.sync_every == 0):
+      # TRL's SyncRefModelCallback.on_step_end: after step k * tau.
+      self.frozen = self.sync_reference(self.frozen, self.state.params)
     return m
+
+  def saved_reference(self):
+    """The reference a checkpoint must hold (TR-DPO changes it), or None."""
+    return self.frozen if self.sync_reference is not None else None
 
 
 def describe(trainer: Trainer) -> str:
@@ -340,7 +367,9 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
         last = dict(scalars, step=step)
         acc, tokens, t0 = metrics_lib.MetricsAccumulator(), 0.0, time.perf_counter()
       if saving:
-        trainer.checkpointer.save(step, trainer.state, trainer.data_iter, force=True)
+        trainer.checkpointer.save(step, trainer.state, trainer.data_iter,
+                                  force=True,
+                                  reference=trainer.saved_reference())
       console.step()
       if preempted:
         logging.warning("stopping at step %d after a preemption request", step)

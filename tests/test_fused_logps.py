@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from alignax import losses
 from alignax import policy
 from alignax.losses import _lm
 from alignax.models import ModelConfig
@@ -17,7 +18,8 @@ from alignax.models import heads
 
 
 def _np_head(hidden, kernel, targets, *, transposed=False, softcap=0.0):
-  """Independent reference in float64: logits, log p, lse, entropy, argmax."""
+  """Independent reference in float64: log p, lse, entropy, argmax, and
+  log sum_v p_v^2, from the full logits."""
   h, w = np.asarray(hidden, np.float64), np.asarray(kernel, np.float64)
   z = h @ (w.T if transposed else w)  # [B, T, V]
   if softcap:
@@ -29,7 +31,8 @@ def _np_head(hidden, kernel, targets, *, transposed=False, softcap=0.0):
                             -1)[..., 0]
   entropy = -(np.exp(logp_all) * logp_all).sum(-1)
   correct = z.argmax(-1) == np.asarray(targets)
-  return logp, lse, entropy, correct
+  log_sum_p2 = np.log((np.exp(logp_all) ** 2).sum(-1))
+  return logp, lse, entropy, correct, log_sum_p2
 
 
 def _plain(h, w, y, *, transposed=False, softcap=0.0):
@@ -79,6 +82,18 @@ def test_values_and_stats_match_numpy(chunks, softcap, transposed):
       policy.fused_token_logps(hidden, kernel, targets, **kw, **chunks), logp)
 
 
+@pytest.mark.parametrize("chunks", [CASES[2], CASES[3], CASES[5]])
+def test_log_sum_p2_matches_numpy(chunks):
+  hidden, kernel, targets, _ = _data(transposed=True)
+  kw = dict(transposed=True, softcap=2.5, **chunks)
+  logp, log_sum_p2 = policy.fused_token_logps_and_log_sum_p2(
+      hidden, kernel, targets, **kw)
+  want = _np_head(hidden, kernel, targets, transposed=True, softcap=2.5)
+  np.testing.assert_allclose(log_sum_p2, want[4], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(
+      logp, policy.fused_token_logps(hidden, kernel, targets, **kw))
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("softcap", [0.0, 2.5])
 @pytest.mark.parametrize("chunks", CASES[1:4])
@@ -120,6 +135,13 @@ def test_check_grads_float64_all_outputs():
                                       chunk_size=3, vocab_chunk=5)
 
     check_grads(jax.jit(g), (h, w), order=1, modes=("rev",))
+
+    def p2(h, w):
+      logp, log_sum_p2 = policy.fused_token_logps_and_log_sum_p2(
+          h, w, targets, softcap=3.0, chunk_size=2, vocab_chunk=4)
+      return jnp.sum(weights * (logp + 0.5 * log_sum_p2))
+
+    check_grads(jax.jit(p2), (h, w), order=1, modes=("rev",))
 
 
 def test_z_loss_cross_entropy_equals_token_cross_entropy():
@@ -349,6 +371,21 @@ def test_compiled_memory_has_no_full_logits(chunk_size, vocab_chunk):
   # A [B, T / k_T, V / k_V] f32 block is at most 128 MiB here (a pass holds
   # 2-3), the f32 kernel gradient 32 MiB; full logits: N * V * 4 = 2 GiB.
   assert temp < n * v * 4 / 4, temp
+
+
+def test_compiled_memory_of_wpo_weights_has_no_full_logits():
+  b, t, _, v = _BIG
+
+  def wpo_weighted_nll(h, w, y, m):
+    logp, log_sum_p2 = policy.fused_token_logps_and_log_sum_p2(
+        h, w, y, vocab_chunk=2048)
+    return -jnp.sum(m * logp) * jnp.sum(losses.wpo_weights(logp, log_sum_p2,
+                                                           m))
+
+  compiled = _compile_big(wpo_weighted_nll)
+  assert not _big_arrays(compiled.as_text(), b * t * v)
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < b * t * v * 4 / 4, temp
 
 
 def test_batch_sharded_equals_one_device():

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -183,3 +184,89 @@ def test_reference_cache_key_follows_data_and_reference(tmp_path):
   assert reference.cache_key(c, _Tok(), params)[0] != key  # new data
   c.train.seq_len = 64
   assert reference.cache_key(c, _Tok(), params)[0] != key
+
+
+def _tr_dpo(tok_dir):
+  """TR-DPO (a sync every 2 steps, alpha 0.6), a checkpoint every step."""
+  c = recipe("dpo_demo", tok_dir, eval_every=0, log_every=1)
+  c.checkpoint.update(save_every=1, keep=4)
+  c.preference.update(sync_ref_model=True, ref_model_mixup_alpha=0.6,
+                      ref_model_sync_steps=2)
+  return c
+
+
+def test_tr_dpo_reference_mixes_in_the_policy_and_resumes(tok_dir, tmp_path):
+  from alignax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from alignax import state as state_lib  # pylint: disable=g-import-not-at-top
+  straight, last = train.run(_tr_dpo(tok_dir), str(tmp_path / "a"))
+  assert np.isfinite(last["train/loss"]) and last["step"] == 4
+  # Every saved step's policy and reference, read back from disk.
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      straight.state.params)
+  directory = str(tmp_path / "a" / "checkpoints")
+  reader = ckpt_lib.Checkpointer(directory, save_every=1, keep=4)
+  ref = {s: jax.device_get(reader.restore_reference(s, abstract))
+         for s in range(1, 5)}
+  reader.close()
+  pol = {s: jax.device_get(ckpt_lib.load_params(f"{directory}/{s}", abstract))
+         for s in range(1, 5)}
+  start = jax.device_get(state_lib.init_params(straight.model_cfg, 0))
+  check = lambda want, got, **tol: jax.tree.map(
+      lambda w, g: np.testing.assert_allclose(g, w, **tol), want, got)
+  mix = lambda p, r: jax.tree.map(
+      lambda p, r: np.float32(0.4) * r + np.float32(0.6) * p, p, r)
+  check(start, ref[1], rtol=1e-6, atol=1e-7)  # no sync before step 2
+  check(mix(pol[2], ref[1]), ref[2], rtol=1e-6, atol=1e-7)
+  jax.tree.map(np.testing.assert_array_equal, ref[2], ref[3])  # between
+  check(mix(pol[4], ref[3]), ref[4], rtol=1e-6, atol=1e-7)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref[4], start)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  jax.tree.map(np.testing.assert_array_equal, ref[4],
+               jax.device_get(straight.frozen))
+  # Stopped after step 3 (past the sync at 2; step 4's save never landed)
+  # and resumed through the sync at 4: the straight run's policy and
+  # reference.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+  resumed, _ = train.run(_tr_dpo(tok_dir), str(tmp_path / "b"))
+  for a, b in ((straight.state.params, resumed.state.params),
+               (straight.frozen, resumed.frozen)):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a),
+                 jax.device_get(b))
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (dict(reference="none"), "set config.reference='frozen' (got 'none')"),
+    (dict(reference="base", lora=True), "not supported with LoRA"),
+    (dict(reference="none", cache_reference=True), "cannot be precomputed"),
+    (dict(ref_model_mixup_alpha=0.0),
+     "config.preference.ref_model_mixup_alpha=0.0 must be in (0, 1]"),
+    (dict(ref_model_mixup_alpha=1.5), "ref_model_mixup_alpha=1.5 must be"),
+    (dict(ref_model_sync_steps=0),
+     "config.preference.ref_model_sync_steps=0 must be an integer > 0"),
+    (dict(objective="kto", sync_ref_model=False, use_weighting=True),
+     "use it with objective 'dpo', not 'kto'"),
+])
+def test_tr_dpo_and_wpo_config_errors_are_one_line(tok_dir, overrides,
+                                                   expect):
+  from alignax import defaults  # pylint: disable=g-import-not-at-top
+  c = recipe("dpo_demo", tok_dir)
+  c.preference.sync_ref_model = True
+  for key, value in overrides.items():
+    if key in ("reference", "objective"):
+      c[key] = value
+    elif key == "lora":
+      c.lora.enabled = value
+    else:
+      c.preference[key] = value
+  with pytest.raises(ValueError) as e:
+    defaults.check_values(c)
+  assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_wpo_config_reaches_the_dpo_objective(tok_dir):
+  c = recipe("dpo_demo", tok_dir)
+  assert not objectives.build_objective(c).keywords["use_weighting"]
+  c.preference.use_weighting = True
+  assert objectives.build_objective(c).keywords["use_weighting"]

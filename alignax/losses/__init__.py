@@ -23,6 +23,7 @@ from alignax.losses._preference import discopop_loss
 from alignax.losses._preference import modpo_loss
 from alignax.losses._preference import sft_loss
 from alignax.losses._preference import weighted_sum
+from alignax.losses._weighting import wpo_weights
 from alignax.losses._unpaired import orpo_loss
 from alignax.losses._unpaired import cpo_loss
 from alignax.losses._unpaired import simpo_loss

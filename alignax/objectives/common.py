@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignax import losses
 from alignax import policy
 from alignax.models import lora
 
@@ -120,6 +121,21 @@ def ld_weights(batch, *, list_size: int, alpha: float) -> Array:
   return jnp.where(tail, alpha * weights, weights)
 
 
+def _per_slot(tokens, weights):
+  """``[B, T]`` per-token values as ``[B, S, T]``, one copy per slot."""
+  return jnp.broadcast_to(tokens[:, None, :], weights.shape)
+
+
+def _slot_sums(tokens, batch, sum_weights):
+  """``(sums, counts, means)`` ``[B, S]`` of per-token log-probs ``[B, T]``."""
+  weights = slot_weights(batch)  # [B, S, T]
+  per_slot = _per_slot(tokens, weights)
+  sums = policy.sequence_logps(
+      per_slot, weights if sum_weights is None else sum_weights)
+  return (sums, policy.completion_lengths(weights),
+          policy.mean_logps(per_slot, weights))
+
+
 def slot_logps(model, batch, *, chunk_size=None, sum_weights=None):
   """Summed log-probs, token counts and mean log-probs per slot, ``[B, S]``.
 
@@ -129,12 +145,24 @@ def slot_logps(model, batch, *, chunk_size=None, sum_weights=None):
   hidden = hidden_states(model, batch)
   tokens = policy.model_token_logps(model, hidden, batch["targets"],
                                     chunk_size=chunk_size or 0)  # [B, T]
+  return _slot_sums(tokens, batch, sum_weights)
+
+
+def slot_logps_and_wpo(model, batch, *, chunk_size=None, sum_weights=None):
+  """:func:`slot_logps` plus WPO's weight of each slot, ``[B, S]``.
+
+  One forward pass: the fused LM head also returns
+  :math:`\\log\\sum_v p_v^2` per token, accumulated over vocabulary chunks
+  (no ``[B, T, V]`` logits), and :func:`alignax.losses.wpo_weights` turns
+  it into constant (no-gradient) weights over the plain completion mask.
+  """
+  hidden = hidden_states(model, batch)
+  tokens, log_p2 = policy.model_token_logps_and_log_sum_p2(
+      model, hidden, batch["targets"], chunk_size=chunk_size or 0)  # [B, T]
   weights = slot_weights(batch)  # [B, S, T]
-  per_slot = jnp.broadcast_to(tokens[:, None, :], weights.shape)
-  sums = policy.sequence_logps(
-      per_slot, weights if sum_weights is None else sum_weights)
-  return (sums, policy.completion_lengths(weights),
-          policy.mean_logps(per_slot, weights))
+  wpo = losses.wpo_weights(_per_slot(tokens, weights),
+                           _per_slot(log_p2, weights), weights)
+  return (*_slot_sums(tokens, batch, sum_weights), wpo)
 
 
 def reference_slot_logps(model, batch, frozen, *, reference, chunk_size=None,
@@ -167,19 +195,27 @@ class Lists(NamedTuple):
   labels: Array
   valid: Array
   rewards: Array  # [P, K, M]
+  wpo_weights: Array  # WPO's weight per response (1 without use_weighting)
 
 
 def gather_lists(model, batch, frozen, *, list_size, reference,
-                 chunk_size=None, ld_alpha=1.0) -> Lists:
+                 chunk_size=None, ld_alpha=1.0, use_weighting=False) -> Lists:
   """Runs the policy (and reference) and regroups slots into examples.
 
   ``ld_alpha < 1``: LD-DPO's summed log-probs (:func:`ld_weights`) for the
   policy and a live reference alike (a cached one was computed with them).
+  ``use_weighting``: WPO's weights of the policy's responses
+  (:func:`slot_logps_and_wpo`), else ones.
   """
   sum_weights = (None if ld_alpha == 1.0 else
                  ld_weights(batch, list_size=list_size, alpha=ld_alpha))
-  logps, lengths, means = slot_logps(model, batch, chunk_size=chunk_size,
-                                     sum_weights=sum_weights)
+  if use_weighting:
+    logps, lengths, means, wpo = slot_logps_and_wpo(
+        model, batch, chunk_size=chunk_size, sum_weights=sum_weights)
+  else:
+    logps, lengths, means = slot_logps(model, batch, chunk_size=chunk_size,
+                                       sum_weights=sum_weights)
+    wpo = jnp.ones_like(logps)
   ref = reference_slot_logps(model, batch, frozen, reference=reference,
                              chunk_size=chunk_size, sum_weights=sum_weights)
   b, s = logps.shape
@@ -191,7 +227,7 @@ def gather_lists(model, batch, frozen, *, list_size, reference,
   return Lists(*(as_lists(x) for x in (
       logps, jnp.where(valid, ref, 0.0), lengths, means,
       batch["labels"].astype(jnp.float32), valid,
-      batch["rewards"].astype(jnp.float32))))
+      batch["rewards"].astype(jnp.float32), wpo)))
 
 
 class Pairs(NamedTuple):

@@ -186,6 +186,11 @@ def _check_pair_config(pref_cfg, names, weights) -> None:
                      f"with loss_type {refused} (as in TRL): use it with "
                      f"{list(F_DIVERGENCE_LOSSES)}, or f_divergence="
                      "'reverse_kl'")
+  sorting = [n for n in names if n in ("aot", "aot_unpaired")]
+  if pref_cfg.get("use_weighting", False) and sorting:
+    raise ValueError(f"config.preference.use_weighting=True (WPO) does not go "
+                     f"with loss_type {sorting} (as in TRL): they sort the "
+                     "pairs, which would misalign the per-pair weights")
   ls = pref_cfg.label_smoothing
   if "robust" in names and not 0.0 <= ls < 0.5:
     raise ValueError(f"config.preference.label_smoothing={ls} must lie in "
@@ -218,12 +223,28 @@ def build_pair_loss(pref_cfg, extra=()):
                         discopop_tau=pref_cfg.discopop_tau)
   terms = [PAIR_LOSSES[n] for n in names]
 
-  def pair_loss(p: Pairs) -> Array:
+  def pair_loss(p: Pairs, pair_weights=None) -> Array:
     scores = scores_fn(*losses.logratios(*_plain(p)))
-    return losses.weighted_sum([t(p, scores, hparams) for t in terms],
-                               weights)
+    values = [t(p, scores, hparams) for t in terms]
+    if pair_weights is not None:  # WPO
+      values = [v * _weights_of(n, pair_weights, p.valid)
+                for n, v in zip(names, values)]
+    return losses.weighted_sum(values, weights)
 
   return pair_loss
+
+
+def _weights_of(name, pair_weights, valid):
+  """What WPO multiplies a term by: its pair's weight ``[P]``.
+
+  TRL's ``sft`` term is the batch's token-mean NLL copied to every pair, so
+  its weighted mean is that NLL times the mean weight; ``sft_term``'s
+  entries differ per pair, so they get the mean weight of the valid pairs.
+  """
+  if name != "sft":
+    return pair_weights
+  return (jnp.sum(jnp.where(valid, pair_weights, 0.0))
+          / jnp.maximum(jnp.sum(valid), 1))
 
 
 def orpo_pair_loss(p: Pairs, *, beta, sft_weight=1.0):
@@ -256,17 +277,27 @@ def modpo_pair_loss(p: Pairs, *, beta, weights):
 
 
 def pairwise_objective(model, batch, rng, *, frozen=None, pair_loss, beta,
-                       reference, chunk_size=None, ld_alpha=1.0):
+                       reference, chunk_size=None, ld_alpha=1.0,
+                       use_weighting=False):
   """Pairs (slot 0 chosen, slot 1 rejected) under ``pair_loss(Pairs)``.
 
   ``ld_alpha < 1``: LD-DPO's length-desensitised log-probs
-  (:func:`alignax.objectives.common.ld_weights`).
+  (:func:`alignax.objectives.common.ld_weights`). ``use_weighting``: WPO,
+  each pair's loss times the constant :math:`w(y_w) w(y_l)`
+  (:func:`alignax.losses.wpo_weights`; ``pair_loss`` takes
+  ``pair_weights=``), and their mean as ``wpo/weights``.
   """
   del rng
-  p = common.to_pairs(common.gather_lists(
+  lists = common.gather_lists(
       model, batch, frozen, list_size=2, reference=reference,
-      chunk_size=chunk_size, ld_alpha=ld_alpha))
-  return common.reduce(pair_loss(p), p.valid, pair_metrics(p, beta))
+      chunk_size=chunk_size, ld_alpha=ld_alpha, use_weighting=use_weighting)
+  p = common.to_pairs(lists)
+  metrics = pair_metrics(p, beta)
+  if not use_weighting:
+    return common.reduce(pair_loss(p), p.valid, metrics)
+  weights = lists.wpo_weights[:, 0] * lists.wpo_weights[:, 1]  # [P]
+  metrics["wpo/weights"] = mean_of(weights, p.valid)
+  return common.reduce(pair_loss(p, pair_weights=weights), p.valid, metrics)
 
 
 def listwise_objective(model, batch, rng, *, frozen=None, list_loss, beta,
@@ -319,22 +350,23 @@ def kto_objective(model, batch, rng, *, frozen=None, beta, desirable_weight,
 # --- from_config: config.objective -> objective -------------------------------
 
 
-def _pairwise(config, pair_loss, needs_reference=True):
+def _pairwise(config, pair_loss, needs_reference=True, use_weighting=False):
   common.check_format(config, "pairs")
   p = config.preference
   return functools.partial(
       pairwise_objective, pair_loss=pair_loss, beta=p.beta,
       reference=common.reference_mode(config, needs_reference),
       chunk_size=p.logps_chunk or None,
-      ld_alpha=float(p.get("ld_alpha", 1.0)))
+      ld_alpha=float(p.get("ld_alpha", 1.0)), use_weighting=use_weighting)
 
 
 def dpo_from_config(config, *, mesh=None):
-  """DPO family: ``preference.loss_type`` (+ ``sft_weight`` NLL)."""
+  """DPO family: ``preference.loss_type`` (+ ``sft_weight`` NLL, WPO)."""
   del mesh
   w = config.preference.sft_weight
   return _pairwise(config, build_pair_loss(
-      config.preference, extra=(("sft", w),) if w else ()))
+      config.preference, extra=(("sft", w),) if w else ()),
+      use_weighting=bool(config.preference.get("use_weighting", False)))
 
 
 def orpo_from_config(config, *, mesh=None):

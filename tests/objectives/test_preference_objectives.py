@@ -605,3 +605,82 @@ def test_ld_dpo_equals_numpy_reference(alpha):
                                pair_loss=pref.build_pair_loss(_pcfg(beta=beta)),
                                beta=beta, reference="frozen"), batch)[0]
   assert float(ones) == float(base)
+
+
+def _padded_token_wpo_terms(seed, exs):
+  """Per-token ``logp - log sum_v p_v^2`` of each answer ``{(i, j): array}``,
+  from the full logits in NumPy (TRL's ``use_weighting`` branch)."""
+  seqs = [(i, j, ex["prompt"] + resp) for i, ex in enumerate(exs)
+          for j, resp in enumerate(ex["responses"])]
+  tokens = np.zeros((len(seqs), T), np.int32)
+  for row, (_, _, seq) in enumerate(seqs):
+    tokens[row, :len(seq)] = seq
+  z = np.asarray(_logits(params(seed), tokens, (tokens > 0).astype(np.int32)),
+                 np.float64)
+  lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + (
+      x.max(-1))
+  lse1, lse2 = lse(z), lse(2.0 * z)
+  out = {}
+  for row, (i, j, seq) in enumerate(seqs):
+    t = np.arange(len(exs[i]["prompt"]) - 1, len(seq) - 1)
+    out[i, j] = z[row, t, np.asarray(seq)[t + 1]] - lse2[row, t] + lse1[row, t]
+  return out
+
+
+def _wpo_objective(beta, sft_weight=0.0, use_weighting=True):
+  extra = (("sft", sft_weight),) if sft_weight else ()
+  return functools.partial(
+      pref.pairwise_objective, beta=beta, reference="frozen",
+      pair_loss=pref.build_pair_loss(_pcfg(beta=beta), extra=extra),
+      use_weighting=use_weighting)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_wpo_equals_numpy_reference_from_full_logits(sft_weight):
+  exs = examples(9, 2)
+  batch = packed(exs, 2)
+  beta = 0.2
+  loss_sum, (count, m) = run(_wpo_objective(beta, sft_weight), batch)
+  pol, ref = _padded_token_logps(0, exs), _padded_token_logps(1, exs)
+  terms = _padded_token_wpo_terms(0, exs)
+  ok = [i for i, e in enumerate(exs) if len(e["responses"]) == 2]
+  w = np.array([np.exp(terms[i, 0].mean()) * np.exp(terms[i, 1].mean())
+                for i in ok])
+  (c, r), (rc, rr) = (np.array([[t[i, 0].sum(), t[i, 1].sum()] for i in ok]).T
+                      for t in (pol, ref))
+  # TRL: mean(dpo_i * w_i) + sft_weight * mean(nll * w_i), the sft term
+  # being the batch's token-mean chosen NLL.
+  nll = -c.sum() / sum(len(pol[i, 0]) for i in ok)
+  want = (np_dpo(c, r, rc, rr, beta) * w).mean() + sft_weight * nll * w.mean()
+  assert np.abs(w - 1.0).max() > 0.05  # the weights matter here
+  np.testing.assert_allclose(loss_sum / count, want, rtol=1e-4)
+  np.testing.assert_allclose(m["wpo/weights"][0] / m["wpo/weights"][1],
+                             w.mean(), rtol=1e-4)
+
+
+def test_wpo_gradient_is_the_constant_weight_times_the_dpo_gradient():
+  exs = examples(2, 2)  # example 0 lacks its rejected answer: one valid pair
+  batch = packed(exs, 2)
+
+  def grad_of(objective):  # (d/d lm_head, (count, metrics)), under jit
+    # The LM head alone keeps the compile small; w depends on it too.
+    loss = lambda head, p, f: objective(
+        nnx.merge(GRAPHDEF, {**p, "lm_head": head}), batch, None, frozen=f)
+    return jax.jit(jax.grad(loss, has_aux=True))(params(0)["lm_head"],
+                                                  params(0), params(1))
+
+  (g_wpo, (count, m)), (g_dpo, _) = (grad_of(_wpo_objective(0.2, 0.0, u))
+                                     for u in (True, False))
+  terms = _padded_token_wpo_terms(0, exs)
+  w = np.exp(terms[1, 0].mean()) * np.exp(terms[1, 1].mean())
+  assert float(count) == 1
+  np.testing.assert_allclose(m["wpo/weights"][0], w, rtol=1e-5)
+  # The weight is a constant: d(w l)/d(theta) = w dl/d(theta), no l dw.
+  assert np.abs(g_dpo).max() > 1e-3
+  np.testing.assert_allclose(g_wpo, w * g_dpo, rtol=1e-4, atol=1e-7)
+
+
+def test_wpo_refused_with_sorting_losses_as_trl():
+  with pytest.raises(ValueError, match=r"use_weighting=True \(WPO\) does not "
+                     r"go with loss_type \['aot'\]"):
+    pref.build_pair_loss(_pcfg(use_weighting=True, loss_type="sigmoid,aot"))
