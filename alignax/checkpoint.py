@@ -22,6 +22,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from alignax.models import lora
+
 
 class Checkpointer:
   """Save every ``save_every`` steps keeping ``keep``; restore the latest."""
@@ -199,13 +201,31 @@ def read_model_config(path: str) -> dict | None:
     return json.load(f)
 
 
-def load_params(path: str, abstract_params):
+def load_params(path: str, abstract_params, *, base_loader=None):
   """Only the parameters of a checkpoint, placed on ``abstract_params``' shardings.
 
   Starts a new run (another objective, optimizer or mesh) from a trained
   model, e.g. DPO from the UL2 demo. ``path`` may be a workdir, its
   ``checkpoints/`` directory or one step directory (the latest step is used).
+
+  A LoRA run with ``lora.save_base=False`` saved only its trainable
+  parameters (adapters, heads) and named its base (:func:`read_lora_base`):
+  ``base_loader(base, abstract_params)`` loads that base, and the saved
+  parameters replace its trainable part.
   """
+  base = read_lora_base(path)
+  if base is None:
+    return _restore_params(path, abstract_params)
+  if base_loader is None or not lora.has_adapters(abstract_params):
+    raise ValueError(
+        f"{path} holds only LoRA adapters and heads (lora.save_base=False, "
+        f"base {base!r}): load it into a model with its config.lora")
+  trained = _restore_params(path, lora.trainable(abstract_params))
+  frozen = lora.split_trainable(base_loader(base, abstract_params))[1]
+  return lora.merge_trainable(trained, frozen)
+
+
+def _restore_params(path: str, abstract_params):
   directory, step = _resolve(path)
   item = {"params": abstract_params}
   args = ocp.args.PyTreeRestore(
@@ -215,6 +235,30 @@ def load_params(path: str, abstract_params):
     restored = mngr.restore(step, args=ocp.args.Composite(state=args))
   logging.info("loaded parameters of %s step %d", directory, step)
   return restored["state"]["params"]
+
+
+LORA_BASE_FILE = "lora_base.json"
+
+
+def write_lora_base(workdir: str, source: str) -> None:
+  """Records the base of a run whose checkpoints hold only its trainable
+  parameters (``lora.save_base=False``): ``source`` is its
+  ``checkpoint.init_from`` (an HF directory or an alignax checkpoint)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LORA_BASE_FILE), "w") as f:
+      json.dump({"base": os.path.abspath(source)}, f, indent=2)
+
+
+def read_lora_base(path: str) -> str | None:
+  """The base :func:`write_lora_base` recorded for the run of ``path``, or
+  None (its checkpoints hold every parameter)."""
+  directory, _ = _resolve(path)
+  file = os.path.join(os.path.dirname(directory), LORA_BASE_FILE)
+  if not os.path.isfile(file):
+    return None
+  with open(file) as f:
+    return json.load(f)["base"]
 
 
 class PreemptionGuard:

@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
   c.lora.dropout = 0.0  # dropout on each adapter's input in train steps (PEFT's lora_dropout; not with GradCache)
   c.lora.quant = "none"  # none | int8 | nf4: block kernels stored quantized, dequantized in the matmul (QLoRA)
+  c.lora.save_base = True  # False: checkpoints hold only adapters, heads and their optimizer state, and name the base (checkpoint.init_from), which resume and loading reread
 
   c.preference = ml_collections.ConfigDict()  # preference objectives (dpo, lipo, kto, ...)
   c.preference.beta = 0.1  # inverse temperature of the implicit reward beta*log(pi/pi_ref)
@@ -240,6 +241,7 @@ VALUE_CHECKS = {
     "preference.beta": (_positive, "a finite number > 0"),
     "lora.rank": (_positive_int, "an integer > 0"),
     "lora.alpha": (_positive, "a finite number > 0"),
+    "lora.dropout": (_fraction, "in [0, 1)"),
     "preference.label_smoothing": (_fraction, "in [0, 1)"),
     "preference.ld_alpha": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
     "preference.ref_model_mixup_alpha": (lambda v: _finite(v) and 0 < v <= 1,
@@ -270,7 +272,6 @@ def _get(c, field):
   return c
 
 
-    "lora.dropout": (_fraction, "in [0, 1)"),
 def check_values(c: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the field for a value no run can use.
 
@@ -370,6 +371,10 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
   if c.reference == "base" and c.preference.cache_reference:
     raise ValueError("config.preference.cache_reference=True replaces the "
                      "base reference: set config.reference='none'")
+  if not c.lora.save_base and not (c.lora.enabled and c.checkpoint.init_from):
+    raise ValueError("config.lora.save_base=False leaves the frozen base out "
+                     "of checkpoints: it needs config.lora.enabled=True and "
+                     "the base in config.checkpoint.init_from")
   if c.lora.quant != "none" and not c.lora.enabled:
     raise ValueError(f"config.lora.quant={c.lora.quant!r} stores the frozen "
                      "base quantized under LoRA: set config.lora.enabled=True")
@@ -381,6 +386,13 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.lora.quant={c.lora.quant!r} with "
                      "config.contrastive.chunk_size > 0 (GradCache) is not "
                      "supported: set chunk_size=0 or lora.quant='none'")
+  if (c.lora.enabled and c.lora.dropout and c.objective in ("contrastive", "cafe")
+      and c.contrastive.chunk_size):
+    # GradCache recomputes each sub-batch in its backward pass, traced after
+    # the step's dropout key is gone: the two passes would disagree.
+    raise ValueError(f"config.lora.dropout={c.lora.dropout} with "
+                     "config.contrastive.chunk_size > 0 (GradCache) is not "
+                     "supported: set chunk_size=0 or lora.dropout=0")
   targets = tuple(c.lora.targets)
   unknown = sorted(set(targets) - set(LORA_TARGETS))
   if c.lora.enabled and (not targets or unknown):
@@ -444,10 +456,3 @@ if __name__ == "__main__":
   # python -m alignax.defaults: every field, its default and what it means.
   for name, value, comment in field_docs():
     print(f"--config.{name}={value!r}  # {comment}")
-  if (c.lora.enabled and c.lora.dropout and c.objective in ("contrastive", "cafe")
-      and c.contrastive.chunk_size):
-    # GradCache recomputes each sub-batch in its backward pass, traced after
-    # the step's dropout key is gone: the two passes would disagree.
-    raise ValueError(f"config.lora.dropout={c.lora.dropout} with "
-                     "config.contrastive.chunk_size > 0 (GradCache) is not "
-                     "supported: set chunk_size=0 or lora.dropout=0")

@@ -52,11 +52,6 @@ def abstract_params(abstract, mesh, rules):
       nnx.to_pure_dict(abstract), shardings)
 
 
-def _vocab_and_dtype(target) -> tuple[int, Any]:
-  embedding = target["embed"]["embedding"]  # [V, D]
-  return embedding.shape[0], embedding.dtype
-
-
 def load_init_params(source: str, target, *, mesh, rules,
                      fresh: Callable[[], Any] | Any = None):
   """Parameters shaped and sharded like ``target``, read from ``source``.
@@ -81,19 +76,14 @@ def load_init_params(source: str, target, *, mesh, rules,
                               rules=rules, fresh=fresh)
     return peft.load_adapters(source, params, target)
   if hf.is_hf_dir(source):
-    vocab_size, dtype = _vocab_and_dtype(target)
-    _, loaded = hf.load_hf(source, mesh=mesh, rules=rules,
-                           param_dtype=jax.numpy.dtype(dtype).name,
-                           vocab_size=vocab_size)
-    # Leaf by leaf: LoRA adapters inside the loaded groups stay missing.
-    flat = traverse_util.flatten_dict(loaded)
-    params = traverse_util.unflatten_dict({
-        k: flat.get(k, v)
-        for k, v in traverse_util.flatten_dict(target).items()})
-    params = quant.quantize_loaded(params, target)  # QLoRA: int8 / nf4 base
+    params = hf.load_params_like(source, target, mesh=mesh, rules=rules)
   else:
     _check_not_quantizing(source, target)
-    params = ckpt_lib.load_params(source, target)
+    # An adapters-only LoRA checkpoint (lora.save_base=False) lands on its
+    # recorded base, loaded as any init_from source is.
+    params = ckpt_lib.load_params(
+        source, target, base_loader=lambda base, t: load_init_params(
+            base, t, mesh=mesh, rules=rules, fresh=fresh))
   is_missing = lambda x: isinstance(x, jax.ShapeDtypeStruct)
   if not any(is_missing(x) for x in jax.tree.leaves(params,
                                                     is_leaf=is_missing)):

@@ -79,6 +79,8 @@ class Trainer:
         microbatches=config.train.microbatches, mesh=self.mesh,
         loss_scale=build_loss_scale(config), rules=config.sharding_rules)
     self.frozen = None  # set by restore_or_init when config.reference='frozen'
+    # lora.save_base=False: checkpoints hold the trainable part only.
+    self.save_base = not (config.lora.enabled and not config.lora.save_base)
     frozen_shardings = self.shardings.params if config.reference == "frozen" else None
     self.train_step = step_lib.jit_train_step(train_step, self.shardings, self.mesh,
                                               frozen_shardings)
@@ -159,7 +161,7 @@ class Trainer:
     target = state_lib.abstract_train_state(self.shardings, self.model_cfg,
                                             self.optimizer, self.build_model,
                                             self.extras)
-    self.state = self.checkpointer.restore(latest, target, self.data_iter)
+    self.state = self._restore_state(latest, target)
     if self.sync_reference is not None:
       synced = self.checkpointer.restore_reference(latest, target.params)
       if synced is None:  # saved by a run without TR-DPO: still the start
@@ -169,6 +171,30 @@ class Trainer:
         self.frozen = synced
     logging.info("resumed from step %d", latest)
     return latest
+
+  def _restore_state(self, step: int, target):
+    """The state saved at ``step``; adapters-only checkpoints
+    (``lora.save_base=False``) land on the base loaded from init_from."""
+    if self.save_base:
+      return self.checkpointer.restore(step, target, self.data_iter)
+    recorded = ckpt_lib.read_lora_base(self.checkpointer.directory)
+    wanted = os.path.abspath(self.config.checkpoint.init_from)
+    if recorded is not None and recorded != wanted:
+      raise ValueError(
+          f"{self.checkpointer.directory} holds LoRA adapters trained on "
+          f"{recorded!r}, but config.checkpoint.init_from={wanted!r}")
+    restored = self.checkpointer.restore(
+        step, target.replace(params=lora.trainable(target.params)),
+        self.data_iter)
+    frozen = lora.split_trainable(self.state.params)[1]
+    return restored.replace(params=lora.merge_trainable(restored.params, frozen))
+
+  def checkpoint_state(self):
+    """What a checkpoint holds: the state, or with ``lora.save_base=False``
+    the state less the frozen base (it is reloaded from init_from)."""
+    if self.save_base:
+      return self.state
+    return self.state.replace(params=lora.trainable(self.state.params))
 
   def evaluate(self) -> dict[str, float]:
     acc = metrics_lib.MetricsAccumulator()
@@ -281,6 +307,8 @@ def _train(trainer: Trainer, workdir: str) -> dict[str, float]:
   start = trainer.restore_or_init()
   is_main = jax.process_index() == 0
   ckpt_lib.write_model_config(workdir, trainer.model_cfg)  # for export tools
+  if not trainer.save_base:  # where the frozen base comes from
+    ckpt_lib.write_lora_base(workdir, trainer.config.checkpoint.init_from)
   if is_main:
     # The resolved config, reusable: --config=configs/from_json.py:W/config.json
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -367,7 +395,8 @@ def _steps(trainer: Trainer, writer, start: int) -> dict[str, float]:
         last = dict(scalars, step=step)
         acc, tokens, t0 = metrics_lib.MetricsAccumulator(), 0.0, time.perf_counter()
       if saving:
-        trainer.checkpointer.save(step, trainer.state, trainer.data_iter,
+        trainer.checkpointer.save(step, trainer.checkpoint_state(),
+                                  trainer.data_iter,
                                   force=True,
                                   reference=trainer.saved_reference())
       console.step()

@@ -202,6 +202,10 @@ def test_base_reference_needs_lora(tok_dir):
   with pytest.raises(ValueError, match=r"lora.dropout"):
     train.defaults.check_values(c)
   c = lora_recipe(tok_dir)
+  c.lora.save_base = False  # the base must come from checkpoint.init_from
+  with pytest.raises(ValueError, match="save_base=False .*init_from"):
+    train.defaults.validate(c, num_devices=8, batch_ways=8)
+  c = lora_recipe(tok_dir)
   c.lora.enabled = False
   with pytest.raises(ValueError, match="lora.enabled"):
     train.Trainer(c, "/tmp/unused")

@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -59,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from alignax import checkpoint as ckpt_lib
@@ -71,6 +73,7 @@ from alignax.interop import hf_config
 from alignax.interop import hf_tokenizer
 from alignax.models import ModelConfig
 from alignax.models import lora
+from alignax.models import quant
 from alignax.models.config import ADAPTER_FIELDS
 
 MODEL_CONFIG_FILE = ckpt_lib.MODEL_CONFIG_FILE
@@ -593,13 +596,43 @@ def config_flags(cfg: ModelConfig) -> list[str]:
 
 def load_checkpoint_params(workdir: str, cfg: ModelConfig, *, mesh=None,
                            rules=shd.DEFAULT_RULES):
-  """Parameters of any alignax checkpoint (a run's or an import's), sharded."""
+  """Parameters of any alignax checkpoint (a run's or an import's), sharded.
+
+  A LoRA run that saved only its adapters (``lora.save_base=False``) comes
+  back on its recorded base (an HF directory or an alignax checkpoint).
+  """
   mesh = mesh if mesh is not None else shd.make_mesh({'fsdp': -1})
   _, abstract = state_lib.abstract_model(cfg)
   target = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       nnx.to_pure_dict(abstract), shd.param_shardings(abstract, mesh, rules))
-  return ckpt_lib.load_params(workdir, target)
+  return ckpt_lib.load_params(workdir, target, base_loader=functools.partial(
+      load_params_like, mesh=mesh, rules=rules))
+
+
+def load_params_like(source: str, target, *, mesh, rules):
+  """``target``-shaped parameters from an HF directory or an alignax
+  checkpoint; leaves the source lacks stay ``ShapeDtypeStruct``.
+
+  An HF checkpoint's vocabulary grows to ``target``'s, and kernels that
+  ``target`` stores quantized (QLoRA) are quantized on load.
+  """
+  adapters = os.path.join(source, 'adapter_config.json')
+  if os.path.isfile(adapters):  # a PEFT directory: its base's weights
+    with open(adapters) as f:
+      source = json.load(f).get('base_model_name_or_path') or ''
+  if not is_hf_dir(source):
+    return ckpt_lib.load_params(source, target, base_loader=functools.partial(
+        load_params_like, mesh=mesh, rules=rules))
+  embedding = target['embed']['embedding']  # [V, D]
+  _, loaded = load_hf(source, mesh=mesh, rules=rules,
+                      param_dtype=jnp.dtype(embedding.dtype).name,
+                      vocab_size=embedding.shape[0])
+  # Leaf by leaf: LoRA adapters inside the loaded groups stay missing.
+  flat = traverse_util.flatten_dict(loaded)
+  params = traverse_util.unflatten_dict({
+      k: flat.get(k, v) for k, v in traverse_util.flatten_dict(target).items()})
+  return quant.quantize_loaded(params, target)  # QLoRA: int8 / nf4 base
 
 
 def run_dir(path: str) -> str:

@@ -157,12 +157,38 @@ def test_lora_dpo_from_an_hf_directory_trains_and_exports(hf_dir, tmp_path):
                              atol=1e-4)
   assert np.abs(ours - base_ours).max() > 1e-4
 
+  # lora.save_base=False: checkpoints hold adapters (and their optimizer
+  # state) and name the base; stopped at step 2 and resumed, the run ends
+  # bit for bit where the straight one did.
+  light = str(tmp_path / 'light')
+  c = _dpo_lora_config(path, tmp_path)
+  c.lora.save_base = False
+  c.train.steps, c.checkpoint.save_every = 2, 2
+  c.optimizer.schedule_steps = 3  # the straight run's schedule
+  train.run(c, light)
+  saved = os.listdir(os.path.join(light, 'checkpoints', '2', 'state'))
+  c.train.steps = 3
+  resumed, _ = train.run(c, light)
+  jax.tree.map(np.testing.assert_array_equal, params,
+               jax.device_get(resumed.state.params))
+  with open(os.path.join(light, 'lora_base.json')) as f:
+    assert json.load(f) == {'base': os.path.abspath(path)}
+  full_bytes, light_bytes = (
+      sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(
+          os.path.join(w, 'checkpoints', '3')) for f in fs)
+      for w in (workdir, light))
+  assert light_bytes < full_bytes / 2, (light_bytes, full_bytes, saved)
+
+  with pytest.raises(ValueError, match='holds only LoRA adapters'):
+    hf.load_checkpoint_params(light, dataclasses.replace(
+        cfg, lora_rank=0, lora_targets=()))
+  # Exports read the adapters and reload the base: the same logits.
   peft_dir = str(tmp_path / 'peft')
-  peft_lib.main(['export', workdir, peft_dir, '--base', path])
+  peft_lib.main(['export', light, peft_dir, '--base', path])
   np.testing.assert_allclose(_peft_logits(path, peft_dir, tokens), ours,
                              atol=1e-4)
   merged_dir = str(tmp_path / 'merged')
-  hf.main(['export', workdir, merged_dir, '--like', path])
+  hf.main(['export', light, merged_dir, '--like', path])
   np.testing.assert_allclose(_hf_logits(_load_hf(merged_dir), tokens), ours,
                              atol=1e-4)
   assert cfg.lora_rank == 4
