@@ -19,6 +19,7 @@ from alignax.data import tasks
 from alignax.models import ModelConfig
 from alignax.models.config import LORA_TARGETS
 from alignax.objectives import contrastive
+from alignax.objectives import grpo
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -145,6 +146,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.reference_cache_dir = ""  # root of reference caches ("" = workdir/reference_cache)
   c.preference.logps_chunk = 0  # sequence chunk of the log-prob computation (0 = whole rows)
 
+  c.grpo = ml_collections.ConfigDict()  # online policy-gradient objectives (grpo, rloo, disco) on rollout batches (alignax.objectives.grpo); TRL GRPOConfig names
+  c.grpo.loss_type = "dapo"  # grpo: grpo | dr_grpo | dapo | bnpo | cispo | sapo (TRL's default dapo)
+  c.grpo.num_generations = 8  # G completions sampled per prompt (one group)
+  c.grpo.epsilon = 0.2  # lower clip range: ratios below 1 - epsilon are clipped
+  c.grpo.epsilon_high = ml_collections.config_dict.placeholder(float)  # upper clip range (None = epsilon; DAPO: 0.28); cispo: the ratio cap (ScaleRL: 5.0)
+  c.grpo.delta = ml_collections.config_dict.placeholder(float)  # INTELLECT-2 two-sided clip: cap of the unclipped ratio (None = off; > 1 + epsilon_high)
+  c.grpo.beta = 0.0  # grpo: k3 KL-to-reference coefficient (0 = no reference); rloo: KL-in-reward coefficient
+  c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO: length-normalised sequence ratio)
+  c.grpo.scale_rewards = "group"  # advantages: group | batch | none (Dr. GRPO: no std scaling)
+  c.grpo.normalize_advantages = False  # rloo: standardise the leave-one-out advantages over the batch
+  c.grpo.num_iterations = 1  # optimizer steps per generated batch (mu); old log-probs kept across them
+  c.grpo.max_completion_length = 64  # tokens sampled per completion (dr_grpo's normaliser)
+  c.grpo.temperature = 1.0  # sampling temperature; log-probs are log softmax(logits / temperature)
+  c.grpo.sapo_temperature_pos = 1.0  # sapo: gate temperature for positive advantages
+  c.grpo.sapo_temperature_neg = 1.05  # sapo: gate temperature for the others
+  c.grpo.logps_chunk = 0  # sequence chunk of the fused log-prob computation (0 = whole rows)
+  c.grpo.disco = ml_collections.ConfigDict()  # objective='disco' (Li et al., 2025)
+  c.grpo.disco.score = "log_l"  # log_l (mean token log-likelihood) | l_ratio (mean token pi / pi_old)
+  c.grpo.disco.tau = 10.0  # DRO temperature over the negatives (0 = DisCO-b: their mean)
+  c.grpo.disco.beta = 500.0  # squared-hinge weight beta [KL(pi_old||pi) - delta]_+^2 (the authors' 1e3 in their beta/2 form)
+  c.grpo.disco.delta = 1e-4  # KL(pi_old || pi) budget
+
   c.contrastive = ml_collections.ConfigDict()  # contrastive / cafe objectives
   c.contrastive.loss = "clip"  # clip | siglip | infonce (MNRL: hard negatives as columns) | mv_infonce | dcl | dhel | mv_dhel | symile
   c.contrastive.pooling = "last"  # last | mean | first token of each text
@@ -249,6 +272,23 @@ VALUE_CHECKS = {
     "preference.ref_model_sync_steps": (_positive_int, "an integer > 0"),
     "preference.sft_weight": (_non_negative, "a finite number >= 0"),
     "preference.logps_chunk": (_non_negative_int, "an integer >= 0"),
+    "grpo.num_generations": (lambda v: _positive_int(v) and v >= 2,
+                             "an integer >= 2 (a group needs two samples)"),
+    "grpo.epsilon": (_positive, "a finite number > 0"),
+    "grpo.epsilon_high": (lambda v: v is None or _positive(v),
+                          "None (= epsilon) or a finite number > 0"),
+    "grpo.delta": (lambda v: v is None or (_finite(v) and v > 1),
+                   "None (off) or a finite number > 1"),
+    "grpo.beta": (_non_negative, "a finite number >= 0"),
+    "grpo.num_iterations": (_positive_int, "an integer > 0"),
+    "grpo.max_completion_length": (_positive_int, "an integer > 0"),
+    "grpo.temperature": (_positive, "a finite number > 0"),
+    "grpo.sapo_temperature_pos": (_positive, "a finite number > 0"),
+    "grpo.sapo_temperature_neg": (_positive, "a finite number > 0"),
+    "grpo.logps_chunk": (_non_negative_int, "an integer >= 0"),
+    "grpo.disco.tau": (_non_negative, "a finite number >= 0 (0 = DisCO-b)"),
+    "grpo.disco.beta": (_non_negative, "a finite number >= 0"),
+    "grpo.disco.delta": (_non_negative, "a finite number >= 0"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),
     "data.eval_fraction": (_fraction, "in [0, 1)"),
     "data.num_shards": (_non_negative_int, "an integer >= 0 (0 = per process)"),
@@ -263,6 +303,10 @@ CHOICES = {
     "data.source": sources.SOURCES,
     "tokenizer.kind": ("sentencepiece", "hf"),
     "optimizer.name": ("adamw",),
+    "grpo.loss_type": grpo.GRPO_LOSS_TYPES,
+    "grpo.importance_sampling_level": grpo.IMPORTANCE_SAMPLING_LEVELS,
+    "grpo.scale_rewards": grpo.SCALE_REWARDS,
+    "grpo.disco.score": grpo.DISCO_SCORES,
 }
 
 
@@ -288,6 +332,7 @@ def check_values(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={value!r}: use one of {list(choices)}")
   objectives.spec(c.objective)  # one-line errors naming the known values
   tasks.task(c.data.task)
+  _check_grpo(c)
   _check_wpo_and_tr_dpo(c)
   d = c.data
   if (d.source in ("jsonl", "parquet", "array_record") and c.train.eval_every
@@ -326,6 +371,29 @@ def _check_wpo_and_tr_dpo(c: ml_collections.ConfigDict) -> None:
   if c.reference != "frozen":
     raise ValueError(f"{what} updates the frozen reference copy: set "
                      f"config.reference='frozen' (got {c.reference!r})")
+
+
+def _check_grpo(c: ml_collections.ConfigDict) -> None:
+  """``config.grpo`` against the rest, for the rollout objectives."""
+  if c.objective not in ("grpo", "rloo", "disco"):
+    return
+  g, name = c.grpo, f"config.objective={c.objective!r}"
+  if c.train.batch_size % g.num_generations:
+    raise ValueError(f"{name}: config.train.batch_size={c.train.batch_size} "
+                     "must be a multiple of config.grpo.num_generations="
+                     f"{g.num_generations} (whole groups of samples)")
+  if c.objective == "disco" and c.train.microbatches != 1:
+    raise ValueError(f"{name} compares the samples of a group and bounds the "
+                     "batch KL: set config.train.microbatches=1 (got "
+                     f"{c.train.microbatches})")
+  if g.max_completion_length >= c.train.seq_len:
+    raise ValueError(f"config.grpo.max_completion_length="
+                     f"{g.max_completion_length} leaves no room for a prompt "
+                     f"in config.train.seq_len={c.train.seq_len}")
+  if g.temperature != 1.0 and c.model.final_logit_softcap:
+    raise ValueError(f"config.grpo.temperature={g.temperature} with "
+                     "config.model.final_logit_softcap > 0 is not supported: "
+                     "set grpo.temperature=1.0")
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int,

@@ -55,3 +55,16 @@ from alignax.losses._contrastive import alignment
 from alignax.losses._contrastive import uniformity
 from alignax.losses._contrastive_sharded import chunked_clip_loss
 from alignax.losses._contrastive_sharded import chunked_siglip_loss
+from alignax.losses._policy_gradient import group_advantages
+from alignax.losses._policy_gradient import rloo_advantages
+from alignax.losses._policy_gradient import kl_penalized_rewards
+from alignax.losses._policy_gradient import log_importance_weights
+from alignax.losses._policy_gradient import k3_kl
+from alignax.losses._policy_gradient import clipped_surrogate
+from alignax.losses._policy_gradient import cispo_surrogate
+from alignax.losses._policy_gradient import sapo_surrogate
+from alignax.losses._policy_gradient import grpo_loss
+from alignax.losses._policy_gradient import rloo_loss
+from alignax.losses._policy_gradient import disco_scores
+from alignax.losses._policy_gradient import old_policy_kl
+from alignax.losses._policy_gradient import disco_loss

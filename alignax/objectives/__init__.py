@@ -17,6 +17,7 @@ from typing import Any
 
 from alignax.objectives import binary
 from alignax.objectives import contrastive
+from alignax.objectives import grpo
 from alignax.objectives import lm
 from alignax.objectives import preference
 from alignax.objectives import reward
@@ -55,6 +56,9 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "bco": ObjectiveSpec(binary.bco_from_config),
     "npo": ObjectiveSpec(binary.npo_from_config),
     "reward_model": ObjectiveSpec(reward.from_config, reward.model_builder),
+    "grpo": ObjectiveSpec(grpo.grpo_from_config),
+    "rloo": ObjectiveSpec(grpo.rloo_from_config),
+    "disco": ObjectiveSpec(grpo.disco_from_config),
 }
 
 
