@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from alignax import sharding as shd
 from alignax.models import ModelConfig, Transformer
 from alignax.models import lora
+from alignax.models import quant
 
 
 @flax.struct.dataclass
@@ -221,4 +222,5 @@ def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
 
 
 def param_count(params) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(params))
+  """Parameters of the model (a QLoRA kernel counts as its float kernel)."""
+  return quant.logical_size(params)

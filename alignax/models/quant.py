@@ -172,3 +172,19 @@ def quantize_loaded(params, target):
         jax.vmap(lambda x, fn=fn, n_in=n_in: fn(x, n_in)),
         out_shardings=shardings if None not in shardings else None)(w)
   return traverse_util.unflatten_dict(flat)
+
+
+def logical_size(params) -> int:
+  """Parameters of the float model ``params`` stores: a quantized kernel
+  counts as its float kernel (nf4 packs two per byte), scales not at all."""
+  flat = {tuple(str(getattr(k, 'key', k)) for k in path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  total = 0
+  for key, x in flat.items():
+    if kernel_of_scale(key, flat) is not None:
+      continue
+    packed = (x.dtype == jnp.uint8
+              and key[:-1] + (key[-1] + SCALE_SUFFIX,) in flat)
+    total += int(x.size) * (2 if packed else 1)
+  return total
+

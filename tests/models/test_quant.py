@@ -99,3 +99,16 @@ def test_quant_needs_lora():
     ModelConfig(**BASE, quant='int8')
   with pytest.raises(ValueError, match='quant'):
     ModelConfig(**BASE, lora_rank=2, lora_targets=('q',), quant='int4')
+
+
+@pytest.mark.parametrize('kind', ['int8', 'nf4'])
+def test_param_count_counts_quantized_kernels_as_their_float_kernels(kind):
+  """The launcher's count equals the formula under QLoRA (nf4 packs two
+  values per byte; scales are not parameters of the model)."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=16,
+                    lora_rank=2, lora_targets=('q', 'down'), quant=kind)
+  params = jax.eval_shape(lambda: state_lib.init_params(cfg, 0))
+  assert state_lib.param_count(params) == cfg.num_params()
+  stored = sum(int(x.size) for x in jax.tree.leaves(params))
+  assert stored != cfg.num_params()  # what the launcher printed before
