@@ -53,6 +53,7 @@ from alignax.data import preference_packing
 from alignax.data import ul2_pipeline
 from alignax.interop import hf
 from alignax.models import ModelConfig
+from alignax.objectives import grpo
 
 GiB = 2**30
 # Quiets libtpu's search for TPU hardware and its metadata server, and lets
@@ -151,6 +152,8 @@ def topology_mesh(mesh_cfg: Mapping[str, int], topology: str,
 def host_batch(config, rows: int) -> dict[str, np.ndarray]:
   """An all-padding batch of ``config.data.task``'s format, ``rows`` rows."""
   task, seq_len = config.data.task, config.train.seq_len
+  if config.objective in ("grpo", "rloo", "disco"):  # a rollout's batch
+    return grpo.empty_batch(rows, seq_len, **grpo.batch_keys(config))
   if task == "lm":
     return packing.empty_rows(rows, seq_len)
   if task == "ul2":

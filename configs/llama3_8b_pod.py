@@ -49,7 +49,7 @@ the step with 1 and 2 unrolled layers (see ``alignax.aot``).
 from alignax import defaults
 from alignax.data import ul2
 
-VARIANTS = ("ul2", "dpo")
+VARIANTS = ("ul2", "dpo", "grpo")
 
 
 def _llama3_8b(c):
@@ -104,6 +104,19 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 500  # ~0.26B tokens
     c.train.steps = 20_000  # 10.5B tokens
     c.train.z_loss = 1e-4  # keeps bf16 logits' normaliser near one
+  elif variant == "grpo":
+    c.objective = "grpo"  # TRL's GRPO, loss_type dapo, beta 0 (no reference)
+    c.data.task = "lm"  # unused: alignax.rl builds the rollout batches
+    c.grpo.num_generations = 8  # G samples per prompt: 32 prompts per step
+    c.grpo.max_completion_length = 1536  # after prompts of up to 512 tokens
+    c.grpo.beta = 0.0  # TRL's default: no KL term, no reference model
+    c.grpo.num_iterations = 1  # on-policy: old log-probs are the current ones
+    c.tokenizer.num_sentinels = 0  # no UL2 sentinels
+    c.model.vocab_size = 128256  # Llama 3's vocabulary
+    c.optimizer.lr = 1e-6  # GRPO on an 8B model
+    c.optimizer.warmup_steps = 10  # short warmup
+    c.optimizer.weight_decay = 0.0
+    c.train.steps = 1_000  # rollout steps
   else:
     c.objective = "dpo"  # TRL's DPO (loss_type='sigmoid')
     c.reference = "frozen"  # the starting parameters, a second argument

@@ -135,3 +135,21 @@ def test_hlo_gathers_weights_per_layer_never_global_activations(
     for op in ("all-reduce", "all-gather", "all-to-all"):
       for shape, _ in _collectives(text, op):
         assert not re.search(rf"\[{rows},512\b", shape), (topology, op, shape)
+
+
+def test_rollout_objectives_compile_for_a_rollout_batch():
+  """GRPO/RLOO/DisCO steps compile for the rollout batch of
+  alignax.objectives.grpo (old and reference log-probs when needed)."""
+  c = defaults.base_config()
+  c.objective, c.train.seq_len = "grpo", 64
+  batch = aot.host_batch(c, 8)
+  assert set(batch) == {"inputs", "targets", "positions", "segment_ids",
+                        "weights", "advantages", "rewards"}
+  assert batch["inputs"].shape == (8, 64) and batch["advantages"].shape == (8,)
+  c.grpo.num_iterations, c.grpo.beta = 2, 0.04  # reference='none': batched
+  batch = aot.host_batch(c, 8)
+  assert batch["old_logps"].shape == batch["ref_logps"].shape == (8, 64)
+  c.reference = "frozen"  # computed in the step instead
+  assert "ref_logps" not in aot.host_batch(c, 8)
+  c.objective = "disco"
+  assert "ref_logps" not in aot.host_batch(c, 8)

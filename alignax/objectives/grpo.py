@@ -57,6 +57,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alignax import losses
@@ -232,6 +233,30 @@ def disco_objective(model, batch, rng, *, frozen=None, num_generations,
       "disco/mixed_groups": mean_of(mixed, jnp.ones_like(mixed)),
   }
   return common.reduce(per_prompt, jnp.ones_like(mixed), metrics)
+
+
+def empty_batch(rows: int, seq_len: int, *, old_logps: bool = False,
+                ref_logps: bool = False) -> dict:
+  """An all-padding rollout batch (the format above) of ``rows`` rows:
+  the shapes ``--compile_for`` compiles the step for."""
+  tokens = np.zeros((rows, seq_len), np.int32)
+  out = {"inputs": tokens, "targets": tokens, "positions": tokens,
+         "segment_ids": tokens, "weights": np.zeros((rows, seq_len),
+                                                     np.float32),
+         "advantages": np.zeros((rows,), np.float32),
+         "rewards": np.zeros((rows,), np.float32)}
+  for name, wanted in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    if wanted:
+      out[name] = np.zeros((rows, seq_len), np.float32)
+  return out
+
+
+def batch_keys(config) -> dict:
+  """Which optional rollout arrays ``config`` needs: ``old_logps`` (more
+  than one update per rollout) and ``ref_logps`` (a precomputed reference)."""
+  return {"old_logps": config.grpo.num_iterations > 1,
+          "ref_logps": (config.objective == "grpo"
+                        and _reference(config) == "batch")}
 
 
 # --- from_config: config.objective -> objective -------------------------------
