@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.reference = "none"  # none | frozen: the policy's starting params as a frozen model | base: the policy with its LoRA adapters off (needs lora.enabled; no copy)
 
+  c.curriculum = ml_collections.ConfigDict()  # Curry-DPO (python -m alignax.curriculum): ranked pairs of graded lists, trained easy to hard
+  c.curriculum.stages = 3  # stages; a prompt's pair of gap rank i goes to stage min(i, stages - 1), the reference is the stage's start
+  c.curriculum.pairing = "best_vs_rest"  # best_vs_rest (the paper's) | all (every two responses with different scores)
+
   c.lora = ml_collections.ConfigDict()  # LoRA adapters (alignax.models.lora): only they and any head are trained, the base is frozen
   c.lora.enabled = False  # add adapters to the targeted kernels
   c.lora.rank = 8  # adapter rank r
@@ -263,6 +267,7 @@ VALUE_CHECKS = {
     "checkpoint.keep": (_positive_int, "an integer > 0"),
     "preference.beta": (_positive, "a finite number > 0"),
     "lora.rank": (_positive_int, "an integer > 0"),
+    "curriculum.stages": (_positive_int, "an integer > 0"),
     "lora.alpha": (_positive, "a finite number > 0"),
     "lora.dropout": (_fraction, "in [0, 1)"),
     "preference.label_smoothing": (_fraction, "in [0, 1)"),
@@ -298,6 +303,7 @@ VALUE_CHECKS = {
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip"),
+    "curriculum.pairing": ("best_vs_rest", "all"),
     "reference": ("none", "frozen", "base"),
     "lora.quant": ("none", "int8", "nf4"),
     "data.source": sources.SOURCES,

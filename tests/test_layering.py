@@ -21,7 +21,7 @@ LAYERS = (
     ("reference", "defaults"),
     ("train",),
     # commands: may import anything
-    ("onpolicy", "mine", "aot", "generate"),
+    ("onpolicy", "mine", "aot", "generate", "rl", "curriculum"),
 )
 
 
