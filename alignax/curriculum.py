@@ -21,7 +21,8 @@ between stages (the paper's iterative Curry-DPO). Stages resume: a finished
 one is skipped, an interrupted one resumes from its checkpoints::
 
   python -m alignax.curriculum --config=configs/dpo_demo.py \\
-      --workdir=/tmp/curry --config.data.paths=graded.jsonl \\
+      --workdir=/tmp/curry --config.data.source=jsonl \\
+      --config.data.paths=graded.jsonl \\
       --config.data.eval_paths=graded_eval.jsonl --config.curriculum.stages=3
 
 Held-out lists (``data.eval_paths``) are evaluated as their best-vs-worst
