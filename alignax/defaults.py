@@ -18,6 +18,7 @@ from alignax.data import sources
 from alignax.data import tasks
 from alignax.models import ModelConfig
 from alignax.models.config import LORA_TARGETS
+from alignax.objectives import causal_reward
 from alignax.objectives import contrastive
 from alignax.objectives import grpo
 
@@ -120,8 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8  # adapter rank r
   c.lora.alpha = 16.0  # adapters add (alpha / r) x A B (rslora: alpha / sqrt(r))
   c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
-  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
   c.lora.dropout = 0.0  # dropout on each adapter's input in train steps (PEFT's lora_dropout; not with GradCache)
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # kernels that get adapters (attention q/k/v/o, MLP gate/up/down)
   c.lora.quant = "none"  # none | int8 | nf4: block kernels stored quantized, dequantized in the matmul (QLoRA)
   c.lora.save_base = True  # False: checkpoints hold only adapters, heads and their optimizer state, and name the base (checkpoint.init_from), which resume and loading reread
 
@@ -150,6 +151,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.preference.reference_cache_dir = ""  # root of reference caches ("" = workdir/reference_cache)
   c.preference.logps_chunk = 0  # sequence chunk of the log-prob computation (0 = whole rows)
 
+  c.reward = ml_collections.ConfigDict()  # multi-objective (multi_reward, reward_gate: ArmoRM) and causal (causal_reward) reward models
+  c.reward.gate_hidden = 64  # multi_reward/reward_gate: width of the gate MLP on the prompt's last hidden state
+  c.reward.gate_beta = 1.0  # reward_gate: initial Bradley-Terry scale beta of the gated mixture (learned)
+  c.reward.verbosity_attribute = ""  # reward_gate: attribute that measures verbosity; the others are decorrelated from it before training ("" = no decorrelation)
+  c.reward.decorrelation = "spearman"  # spearman (ArmoRM) | pearson: which correlation with verbosity the fitted lambdas zero
+  c.reward.reference_size = 2048  # reward_gate: training responses the decorrelation is fitted on
+  c.reward.mmd_weight = 0.0  # causal_reward: weight lambda of the MMD penalty (0 = plain Bradley-Terry)
+  c.reward.spurious = "length"  # causal_reward: length (response tokens) or a name in data.preference.reward_fields
+  c.reward.bins = ()  # causal_reward: bin edges of the spurious attribute (() = num_bins in-batch quantiles for length, the integer value for a field)
+  c.reward.num_bins = 4  # causal_reward: bins when reward.bins is ()
+  c.reward.mmd_bandwidth = 0.0  # causal_reward: Gaussian kernel sigma (0 = median heuristic)
+  c.reward.mmd_conditional = False  # causal_reward: compare bins within chosen and within rejected responses (conditional CRM)
+  c.reward.mmd_features = "hidden"  # causal_reward: hidden (the reward head's input) | reward (the scalar reward)
+
   c.grpo = ml_collections.ConfigDict()  # online policy-gradient objectives (grpo, rloo, disco) on rollout batches (alignax.objectives.grpo); TRL GRPOConfig names
   c.grpo.loss_type = "dapo"  # grpo: grpo | dr_grpo | dapo | bnpo | cispo | sapo (TRL's default dapo)
   c.grpo.num_generations = 8  # G completions sampled per prompt (one group)
@@ -166,11 +181,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.sapo_temperature_pos = 1.0  # sapo: gate temperature for positive advantages
   c.grpo.sapo_temperature_neg = 1.05  # sapo: gate temperature for the others
   c.grpo.logps_chunk = 0  # sequence chunk of the fused log-prob computation (0 = whole rows)
+  c.grpo.prompts_per_step = 0  # alignax.rl: prompts per rollout step; sets train.batch_size = prompts_per_step * num_generations (0 = train.batch_size // num_generations)
+  c.grpo.task = "code"  # alignax.rl: code (alignax.data.code_task, doctests in the sandbox) | docstring (alignax.onpolicy.DocstringTask, name similarity)
+  c.grpo.prompt_mode = ""  # alignax.rl: "" = [BOS] + prompt, causal | a UL2 mode token ("[S2S]") = [mode] + prompt read as a prefix-LM prefix
+  c.grpo.reward_model = ""  # alignax.rl: reward-model workdir whose score is one more reward ("" = the task's reward only)
+  c.grpo.reward_weights = ()  # alignax.rl: one weight per reward (the task's, then the reward model's); () = all 1
+  c.grpo.reward_combine = "sum"  # alignax.rl: sum (weighted sum, then the objective's advantages) | gdpo (each reward normalised in its group first; grpo only)
+  c.grpo.mask_truncated_completions = False  # alignax.rl: weights 0 on completions that never reached a stop token (TRL's name)
+  c.grpo.eval_prompts = 16  # alignax.rl: held-out prompts of the greedy evaluation (every train.eval_every steps)
+  c.grpo.sandbox_workers = 0  # alignax.rl, task code: concurrent sandbox runs (0 = os.cpu_count())
   c.grpo.disco = ml_collections.ConfigDict()  # objective='disco' (Li et al., 2025)
   c.grpo.disco.score = "log_l"  # log_l (mean token log-likelihood) | l_ratio (mean token pi / pi_old)
   c.grpo.disco.tau = 10.0  # DRO temperature over the negatives (0 = DisCO-b: their mean)
   c.grpo.disco.beta = 500.0  # squared-hinge weight beta [KL(pi_old||pi) - delta]_+^2 (the authors' 1e3 in their beta/2 form)
   c.grpo.disco.delta = 1e-4  # KL(pi_old || pi) budget
+  c.grpo.grace = ml_collections.ConfigDict()  # grpo.task='grace' (alignax.grace, Sun et al., 2025): rationales scored by contrastive similarity of their embeddings
+  c.grpo.grace.temperature = 0.1  # tau: the similarity terms are divided by it (the authors' train.sh)
+  c.grpo.grace.clustering_weight = 0.2  # w_c: mean similarity of a sample to the other samples of its group
+  c.grpo.grace.cross_group_weight = 0.2  # w_x: minus the mean over other groups of their most similar sample (in-batch negatives)
+  c.grpo.grace.length_penalty = True  # a rationale that never stops gets reward -1 (the authors' enable_length_penalty)
+  c.grpo.grace.anchor_temperature = 0.5  # one anchor rationale per text, sampled at this temperature (0 = greedy), that its partner's samples are scored against
+  c.grpo.grace.train_queries = True  # sample and train G rationales of each query too (False: documents only, as the authors)
+  c.grpo.grace.pool = "text_and_rationale"  # text_and_rationale (the authors: the text and its rationale, template excluded) | rationale
+  c.grpo.grace.eval_pairs = 0  # held-out docstring -> code pairs of the retrieval evaluation (0 = all)
 
   c.contrastive = ml_collections.ConfigDict()  # contrastive / cafe objectives
   c.contrastive.loss = "clip"  # clip | siglip | infonce (MNRL: hard negatives as columns) | mv_infonce | dcl | dhel | mv_dhel | symile
@@ -220,6 +253,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.preference.task_repeats = 4  # embedded task: distractor draws per function
   c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by alignax.reference)
   c.data.preference.chat_template = ""  # "" = built-in; HF model dir, tokenizer_config.json or .jinja
+  c.data.preference.attributes = ()  # ratings / multi_reward / reward_gate: attribute names, one regression head each
+  c.data.preference.embedded_task = "names"  # embedded preference source: names (alignax.data.preference_task) | attributes (alignax.data.attribute_task, pairs)
+  c.data.preference.task_length_bias = 0.85  # embedded attributes task: share of train pairs whose chosen response is the longer (held-out: 0.5)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on first use) | hf
@@ -291,9 +327,28 @@ VALUE_CHECKS = {
     "grpo.sapo_temperature_pos": (_positive, "a finite number > 0"),
     "grpo.sapo_temperature_neg": (_positive, "a finite number > 0"),
     "grpo.logps_chunk": (_non_negative_int, "an integer >= 0"),
+    "grpo.prompts_per_step": (_non_negative_int, "an integer >= 0"),
+    "grpo.eval_prompts": (_non_negative_int, "an integer >= 0"),
+    "grpo.sandbox_workers": (_non_negative_int, "an integer >= 0 (0 = all cores)"),
+    "grpo.reward_weights": (lambda v: all(_finite(w) for w in v),
+                            "finite numbers, one per reward"),
     "grpo.disco.tau": (_non_negative, "a finite number >= 0 (0 = DisCO-b)"),
     "grpo.disco.beta": (_non_negative, "a finite number >= 0"),
     "grpo.disco.delta": (_non_negative, "a finite number >= 0"),
+    "grpo.grace.temperature": (_positive, "a finite number > 0"),
+    "grpo.grace.clustering_weight": (_finite, "a finite number"),
+    "grpo.grace.cross_group_weight": (_finite, "a finite number"),
+    "grpo.grace.anchor_temperature": (_non_negative, "a finite number >= 0 (0 = greedy)"),
+    "grpo.grace.eval_pairs": (_non_negative_int, "an integer >= 0 (0 = all)"),
+    "reward.gate_hidden": (_positive_int, "an integer > 0"),
+    "reward.gate_beta": (_positive, "a finite number > 0"),
+    "reward.reference_size": (_positive_int, "an integer > 0"),
+    "reward.mmd_weight": (_non_negative, "a finite number >= 0"),
+    "reward.num_bins": (lambda v: _positive_int(v) and v >= 2,
+                        "an integer >= 2"),
+    "reward.mmd_bandwidth": (_non_negative, "a finite number >= 0 (0 = median)"),
+    "data.preference.task_length_bias": (lambda v: _finite(v) and 0 <= v <= 1,
+                                         "in [0, 1]"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),
     "data.eval_fraction": (_fraction, "in [0, 1)"),
     "data.num_shards": (_non_negative_int, "an integer >= 0 (0 = per process)"),
@@ -309,10 +364,16 @@ CHOICES = {
     "data.source": sources.SOURCES,
     "tokenizer.kind": ("sentencepiece", "hf"),
     "optimizer.name": ("adamw",),
+    "reward.decorrelation": ("spearman", "pearson"),
+    "reward.mmd_features": causal_reward.FEATURES,
+    "data.preference.embedded_task": ("names", "attributes"),
     "grpo.loss_type": grpo.GRPO_LOSS_TYPES,
     "grpo.importance_sampling_level": grpo.IMPORTANCE_SAMPLING_LEVELS,
     "grpo.scale_rewards": grpo.SCALE_REWARDS,
     "grpo.disco.score": grpo.DISCO_SCORES,
+    "grpo.task": ("code", "docstring", "grace"),
+    "grpo.grace.pool": ("text_and_rationale", "rationale"),
+    "grpo.reward_combine": ("sum", "gdpo"),
 }
 
 
@@ -339,6 +400,7 @@ def check_values(c: ml_collections.ConfigDict) -> None:
   objectives.spec(c.objective)  # one-line errors naming the known values
   tasks.task(c.data.task)
   _check_grpo(c)
+  _check_reward(c)
   _check_wpo_and_tr_dpo(c)
   d = c.data
   if (d.source in ("jsonl", "parquet", "array_record") and c.train.eval_every
@@ -354,6 +416,40 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     ModelConfig(**fields)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from None
+
+
+def _check_reward(c: ml_collections.ConfigDict) -> None:
+  """``config.reward`` and the data the reward-model objectives read."""
+  name, d = f"config.objective={c.objective!r}", c.data
+  attributes = tuple(d.preference.attributes)
+  wants = {"multi_reward": "ratings", "reward_gate": "preference",
+           "causal_reward": "preference"}
+  if c.objective in wants and d.task != wants[c.objective]:
+    raise ValueError(f"{name} reads config.data.task={wants[c.objective]!r} "
+                     f"batches, not {d.task!r}")
+  if d.task == "ratings" and c.objective != "multi_reward":
+    raise ValueError(f"config.data.task='ratings' trains "
+                     f"objective='multi_reward', not {c.objective!r}")
+  if c.objective in ("multi_reward", "reward_gate") and (
+      not attributes or len(set(attributes)) != len(attributes)):
+    raise ValueError(f"{name} needs config.data.preference.attributes: "
+                     f"distinct attribute names, got {attributes}")
+  verbose = c.reward.verbosity_attribute
+  if c.objective == "reward_gate" and verbose and verbose not in attributes:
+    raise ValueError(f"config.reward.verbosity_attribute={verbose!r} is not "
+                     f"one of config.data.preference.attributes={attributes}")
+  if c.objective != "causal_reward":
+    return
+  fields = tuple(d.preference.reward_fields)
+  if c.reward.spurious != "length" and c.reward.spurious not in fields:
+    raise ValueError(f"config.reward.spurious={c.reward.spurious!r}: use "
+                     "'length' or a name in config.data.preference."
+                     f"reward_fields={fields}")
+  bins = tuple(c.reward.bins)
+  if any(not _finite(b) for b in bins) or any(
+      b >= a for b, a in zip(bins, bins[1:])):
+    raise ValueError(f"config.reward.bins={bins} must be increasing finite "
+                     "bin edges (or () for quantile / value bins)")
 
 
 def _check_wpo_and_tr_dpo(c: ml_collections.ConfigDict) -> None:

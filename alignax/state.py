@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from alignax import sharding as shd
@@ -90,10 +91,15 @@ def build_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedu
       end_value=float(opt_cfg["lr"]) * float(opt_cfg["final_lr_ratio"]))
 
 
-def build_optimizer(opt_cfg: Mapping[str, Any], total_steps: int):
+def build_optimizer(opt_cfg: Mapping[str, Any], total_steps: int, *,
+                    frozen=None):
   """AdamW with global-norm clipping; returns ``(optimizer, schedule)``.
 
   Weight decay skips 1-D parameters (norm scales), as in MaxText and Llama.
+  ``frozen(path) -> bool`` (a flattened parameter path) marks parameters
+  the optimizer leaves exactly as they are: their updates, weight decay
+  included, are zeroed (e.g. ArmoRM's stage 2 trains only its gate; the
+  optimizer state keeps the usual layout).
   """
   if opt_cfg["name"] != "adamw":
     raise ValueError(f"config.optimizer.name={opt_cfg['name']!r}: only "
@@ -107,6 +113,9 @@ def build_optimizer(opt_cfg: Mapping[str, Any], total_steps: int):
       schedule, b1=float(opt_cfg["b1"]), b2=float(opt_cfg["b2"]),
       eps=float(opt_cfg["eps"]), weight_decay=float(opt_cfg["weight_decay"]),
       mask=decay_mask))
+  if frozen is not None:  # last, so that weight decay is zeroed too
+    chain.append(optax.masked(optax.set_to_zero(), lambda params: (
+        traverse_util.path_aware_map(lambda path, _: frozen(path), params))))
   return optax.chain(*chain), schedule
 
 

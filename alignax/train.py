@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from alignax import checkpoint as ckpt_lib
+from alignax import decorrelation
 from alignax import defaults
 from alignax import init_from
 from alignax import metrics as metrics_lib
@@ -35,12 +36,14 @@ from alignax.data import tasks
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import peft
 from alignax.models import lora
+from alignax.objectives import multi_reward
 
 # config.data.task -> builder(config, tokenizer, mesh, graphdef) of
 # evaluate(params) -> {name: float}, merged into the held-out metrics.
 EVALUATORS = {
     "pairs": retrieval.from_config,
     "cafe": retrieval.from_config,
+    "ratings": multi_reward.ratings_evaluator,
 }
 
 
@@ -63,7 +66,8 @@ class Trainer:
     self.model_cfg = state_lib.apply_lora_config(
         state_lib.build_model_config(config.model, self.tokenizer), config.lora)
     self.optimizer, self.schedule = state_lib.build_optimizer(
-        config.optimizer, config.optimizer.schedule_steps or config.train.steps)
+        config.optimizer, config.optimizer.schedule_steps or config.train.steps,
+        frozen=objectives.frozen_params(config))
     # None = the plain Transformer; embedding and reward objectives add a head.
     self.build_model = objectives.model_builder(config)
     self.objective = objectives.build_objective(config, mesh=self.mesh)
@@ -288,6 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   """
   defaults.check_values(config)
   config = reference.prepare(config, workdir)
+  config = decorrelation.prepare(config, workdir)  # reward_gate: ArmoRM's lambdas
   trainer = Trainer(config, workdir)
   try:
     last = _train(trainer, workdir)

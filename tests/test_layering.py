@@ -17,11 +17,11 @@ LAYERS = (
     ("state",),
     ("step", "interop.hf", "interop.peft"),
     ("init_from",),
-    ("objectives", "retrieval"),
-    ("reference", "defaults"),
+    ("objectives", "retrieval", "rollout"),
+    ("reference", "defaults", "decorrelation"),
     ("train",),
     # commands: may import anything
-    ("onpolicy", "mine", "aot", "generate", "rl", "curriculum"),
+    ("onpolicy", "mine", "aot", "generate", "rl", "curriculum", "grace"),
 )
 
 

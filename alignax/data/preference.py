@@ -48,6 +48,7 @@ import copy
 import grain
 import numpy as np
 
+from alignax.data import attribute_task
 from alignax.data import chat
 from alignax.data import pipeline
 from alignax.data import preference_packing as packing
@@ -256,8 +257,24 @@ class RecordSource(records_lib.ParsedSource):
 
 
 def raw_source(data_cfg, split):
-  """The raw record source of ``split`` (``'train'`` or ``'eval'``)."""
+  """The raw record source of ``split`` (``'train'`` or ``'eval'``).
+
+  ``data.source='embedded'`` is the docstring -> name task
+  (:mod:`alignax.data.preference_task`), or with
+  ``data.preference.embedded_task='attributes'`` the pairs of the
+  multi-attribute task (:mod:`alignax.data.attribute_task`).
+  """
   pref = data_cfg.preference
+  if data_cfg.source == "embedded" and pref.get("embedded_task",
+                                                "names") == "attributes":
+    if pref.format != "pairs":
+      raise ValueError("data.preference.embedded_task='attributes' makes "
+                       f"pairs, not {pref.format!r}")
+    return attribute_task.AttributeNames(
+        split, "pairs", repeats=pref.task_repeats,
+        heldout_fraction=data_cfg.get("heldout_fraction", 0.02),
+        length_bias=(pref.get("task_length_bias", 0.85) if split == "train"
+                     else 0.5))
   if data_cfg.source == "embedded":
     return preference_task.DocstringNames(
         split, pref.format, list_size=int(pref.list_size),

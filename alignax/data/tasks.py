@@ -8,6 +8,7 @@ the arguments of :func:`alignax.data.pipeline.build_lm_dataset` /
 from alignax.data import pairs
 from alignax.data import pipeline
 from alignax.data import preference
+from alignax.data import ratings
 from alignax.data import ul2_pipeline
 
 DATA_TASKS = {
@@ -18,6 +19,8 @@ DATA_TASKS = {
                    preference.build_preference_eval_batches),
     "ul2": (ul2_pipeline.build_ul2_dataset,
             ul2_pipeline.build_ul2_eval_batches),
+    "ratings": (ratings.build_ratings_dataset,
+                ratings.build_ratings_eval_batches),
 }
 
 

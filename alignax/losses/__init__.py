@@ -68,3 +68,17 @@ from alignax.losses._policy_gradient import rloo_loss
 from alignax.losses._policy_gradient import disco_scores
 from alignax.losses._policy_gradient import old_policy_kl
 from alignax.losses._policy_gradient import disco_loss
+from alignax.losses._multi_reward import masked_regression_loss
+from alignax.losses._multi_reward import gated_rewards
+from alignax.losses._multi_reward import gated_bradley_terry_loss
+from alignax.losses._multi_reward import verbosity_adjusted
+from alignax.losses._multi_reward import pearson_decorrelation
+from alignax.losses._multi_reward import spearman_decorrelation
+from alignax.losses._multi_reward import spearman
+from alignax.losses._mmd import squared_distances
+from alignax.losses._mmd import median_bandwidth
+from alignax.losses._mmd import gaussian_kernel
+from alignax.losses._mmd import mmd_squared
+from alignax.losses._mmd import binned_mmd
+from alignax.losses._mmd import bin_counts
+from alignax.losses._mmd import binned_mmd_penalty

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from alignax.objectives import binary
+from alignax.objectives import causal_reward
 from alignax.objectives import contrastive
 from alignax.objectives import grpo
 from alignax.objectives import lm
+from alignax.objectives import multi_reward
 from alignax.objectives import preference
 from alignax.objectives import reward
 from alignax.objectives import ul2
@@ -33,10 +35,14 @@ class ObjectiveSpec:
     model: ``model(config) -> build(model_cfg, rngs=...)`` of the module the
       objective trains, or ``None`` for ``alignax.models.Transformer``.
     token_loss: the loss is a mean token cross-entropy.
+    frozen: ``frozen(path) -> bool`` of a flattened parameter path: the
+      parameters the optimizer leaves as they are (updates and weight decay
+      zeroed), or ``None`` = all trained.
   """
   build: Callable[..., Any]
   model: Callable[[Any], Any] | None = None
   token_loss: bool = False
+  frozen: Callable[[tuple], bool] | None = None
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
@@ -56,6 +62,14 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "bco": ObjectiveSpec(binary.bco_from_config),
     "npo": ObjectiveSpec(binary.npo_from_config),
     "reward_model": ObjectiveSpec(reward.from_config, reward.model_builder),
+    "multi_reward": ObjectiveSpec(multi_reward.multi_reward_from_config,
+                                  multi_reward.model_builder,
+                                  frozen=multi_reward.stage1_frozen),
+    "reward_gate": ObjectiveSpec(multi_reward.reward_gate_from_config,
+                                 multi_reward.model_builder,
+                                 frozen=multi_reward.stage2_frozen),
+    "causal_reward": ObjectiveSpec(causal_reward.from_config,
+                                   causal_reward.model_builder),
     "grpo": ObjectiveSpec(grpo.grpo_from_config),
     "rloo": ObjectiveSpec(grpo.rloo_from_config),
     "disco": ObjectiveSpec(grpo.disco_from_config),
@@ -73,6 +87,11 @@ def spec(name: str) -> ObjectiveSpec:
 def build_objective(config, *, mesh=None):
   """The objective of ``config.objective`` (``mesh``: the run's mesh)."""
   return spec(config.objective).build(config, mesh=mesh)
+
+
+def frozen_params(config):
+  """``frozen(path) -> bool`` of ``config.objective`` (None = all trained)."""
+  return spec(config.objective).frozen
 
 
 def model_builder(config):
