@@ -1,5 +1,6 @@
 """LoRA adapters: B = 0 is the base model, the math, shardings, the split."""
 
+import functools
 import math
 
 import jax
@@ -206,11 +207,12 @@ def test_dropout_drops_adapter_inputs_unbiased_and_only_in_train_steps():
 
 def test_dropout_in_a_step_is_keyed_and_remat_recomputes_its_masks():
   cfg = lora_cfg(lora_dropout=0.5)
-  params = randomise_b(state_lib.init_params(cfg, 0))
+  params = randomise_b(jax.jit(lambda: state_lib.init_params(cfg, 0))())
   graphdef, _ = state_lib.abstract_model(cfg)
-  plain = nnx.merge(graphdef, params)(tokens())
+  plain = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens()))(params)
   loss = lambda p, c: jnp.sum(nnx.merge(c, p)(tokens()) ** 2)
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(g, key):
     with lora.dropout_rng(key):
       return jax.value_and_grad(loss)(params, g)
@@ -228,7 +230,10 @@ def test_dropout_in_a_step_is_keyed_and_remat_recomputes_its_masks():
   r_value, r_grads = run(remat_def, key)
   np.testing.assert_allclose(r_value, value, rtol=1e-6)
   for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(r_grads)):
-    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+    # Fused differently with remat: float32 noise, not other masks (those
+    # move gradients by their own size).
+    np.testing.assert_allclose(g, h, rtol=1e-4,
+                               atol=1e-3 * float(np.abs(h).max()))
   with pytest.raises(ValueError, match=r'lora_dropout=1\.0 must lie in'):
     lora_cfg(lora_dropout=1.0)
 
