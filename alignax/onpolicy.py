@@ -74,6 +74,7 @@ from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf
 from alignax.models import heads
 from alignax.models.config import ADAPTER_FIELDS
+from alignax.objectives import preference
 
 # Objectives trained on K-lists; every other one gets best/worst pairs.
 LIST_OBJECTIVES = ("lipo",)
@@ -263,7 +264,8 @@ def evaluate(graphdef, params, tokenizer, prompts, task, *, max_prompt_len,
           "heldout/exact_match": float((rewards == 1.0).mean())}
 
 
-def _write_jsonl(path, records):
+def write_jsonl(path, records):
+  """``records`` as JSONL at ``path`` (atomic; process 0 writes)."""
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -278,10 +280,17 @@ def _finished(round_dir, steps) -> bool:
   return steps in done and os.path.exists(os.path.join(round_dir, METRICS_FILE))
 
 
+def needs_reference(config) -> bool:
+  """False for rejection-sampling fine-tuning (``objective='dpo'`` with
+  ``preference.loss_type='sft'``: the chosen NLL alone), which reads no
+  reference model; every other objective's rounds use a frozen one."""
+  return config.objective != "dpo" or preference.reads_reference(config)
+
+
 def _round_config(config, samples, eval_path, policy, fmt):
   c = copy.deepcopy(config)
   c.checkpoint.init_from = policy or ""
-  c.reference = "frozen"
+  c.reference = "frozen" if needs_reference(config) else "none"
   c.data.source = "jsonl"
   c.data.paths = (samples,)
   c.data.eval_paths = (eval_path,)
@@ -309,11 +318,32 @@ class _Policy:
                                   self.rules, seed=self.seed)[1]
 
 
-def run(config, workdir: str, task=None) -> list[dict[str, float]]:
+def policy_path(config, workdir: str) -> str:
+  """Where the policy after ``config.onpolicy.rounds`` rounds lives: the
+  last round's directory (``checkpoint.init_from`` with no rounds)."""
+  rounds = int(config.onpolicy.rounds)
+  if rounds == 0:
+    return config.checkpoint.init_from
+  return os.path.join(workdir, f"round_{rounds - 1}")
+
+
+def run(config, workdir: str, task=None, *, scorer=None,
+        evaluate_fn=None) -> list[dict[str, float]]:
   """Runs (or resumes) ``config.onpolicy.rounds`` rounds; per-round metrics.
 
   The first entry (round -1) evaluates the starting policy; each later one
   holds the round's last train/eval metrics and its held-out evaluation.
+
+  Args:
+    config: the run's config (``onpolicy``, ``data.preference``, ...).
+    workdir: root of the rounds.
+    task: prompts, ``clean``, ``reward`` and ``heldout_records`` (default
+      :class:`DocstringTask`).
+    scorer: replaces the task's rewards of each round's samples
+      (``rescore(records, batch_size)``); default the reward model of
+      ``onpolicy.reward_model``, if any.
+    evaluate_fn: ``(graphdef, params, tokenizer, heldout prompts, mesh) ->
+      metrics`` of a policy (default :func:`evaluate`).
   """
   task = task or DocstringTask(config.data.heldout_fraction)
   op, pref = config.onpolicy, config.data.preference
@@ -321,19 +351,26 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
   if not config.tokenizer.cache_dir:  # one tokenizer for all rounds
     config.tokenizer.cache_dir = os.path.join(workdir, "tokenizer")
   sampler = _Policy(config, workdir)
-  scorer = (RewardModelScorer(config, op.reward_model, sampler.tokenizer,
-                              sampler.mesh) if op.reward_model else None)
+  if scorer is None and op.reward_model:
+    scorer = RewardModelScorer(config, op.reward_model, sampler.tokenizer,
+                               sampler.mesh)
   fmt = "lists" if config.objective in LIST_OBJECTIVES else "pairs"
   eval_path = os.path.join(workdir, f"eval_{fmt}.jsonl")
   if not os.path.exists(eval_path):
-    _write_jsonl(eval_path, task.heldout_records(fmt, pref.list_size))
+    write_jsonl(eval_path, task.heldout_records(fmt, pref.list_size))
   heldout = task.prompts("eval", op.eval_prompts, seed=0)
   eval_kw = dict(max_prompt_len=pref.max_prompt_len,
                  max_new_tokens=op.max_new_tokens, mesh=sampler.mesh)
+
+  def held_out(params):
+    if evaluate_fn is not None:
+      return evaluate_fn(sampler.graphdef, params, sampler.tokenizer,
+                         heldout, sampler.mesh)
+    return evaluate(sampler.graphdef, params, sampler.tokenizer, heldout,
+                    task, **eval_kw)
+
   policy = config.checkpoint.init_from or None
-  params = sampler.params(policy)
-  history = [dict(evaluate(sampler.graphdef, params, sampler.tokenizer,
-                           heldout, task, **eval_kw), round=-1)]
+  history = [dict(held_out(sampler.params(policy)), round=-1)]
   for r in range(op.rounds):
     round_dir = os.path.join(workdir, f"round_{r}")
     if _finished(round_dir, config.train.steps):
@@ -351,12 +388,10 @@ def run(config, workdir: str, task=None) -> list[dict[str, float]]:
           batch_size=op.sample_batch, **eval_kw)
       if scorer is not None:  # the learned reward replaces the task's
         records = scorer.rescore(records, op.sample_batch)
-      _write_jsonl(samples, records if fmt == "lists" else to_pairs(records))
+      write_jsonl(samples, records if fmt == "lists" else to_pairs(records))
     trainer, last = train.run(
         _round_config(config, samples, eval_path, policy, fmt), round_dir)
-    metrics = dict(last, round=r, **evaluate(
-        sampler.graphdef, trainer.state.params, sampler.tokenizer, heldout,
-        task, **eval_kw))
+    metrics = dict(last, round=r, **held_out(trainer.state.params))
     if jax.process_index() == 0:
       with open(os.path.join(round_dir, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -13,6 +13,28 @@ module holds the pieces of that recipe that need no model:
 * :func:`write_front`, :func:`read_front` and :func:`plot_fronts`: JSONL
   records of evaluated points, one dict per policy, and their plot.
 
+The ``pareto`` command (:func:`run`) builds up to three fronts on the
+embedded multi-objective task (:class:`alignax.dpa.AttributeNames`), each
+point a policy scored on held-out prompts by greedy decoding (the mean of
+each objective's computed reward, or of an ArmoRM run's attribute heads
+with ``pareto.reward_model``):
+
+* ``soups``: :func:`soup` of the policies of ``pareto.soups`` (fine-tuned
+  from one base, e.g. the single-objective variants of
+  ``configs/multi_objective_demo.py``) at each of ``pareto.soup_steps``
+  weights: no training;
+* ``modpo``: one MODPO run per weight ``w`` of ``pareto.modpo_weights``
+  (``preference.modpo_weights = (1 - w, w)``), trained by the command in
+  ``workdir/modpo_w<w>`` (resumed when there);
+* ``dpa``: the DPA policy of ``pareto.dpa`` prompted with each direction
+  of ``dpa.eval_angles``: no training.
+
+It writes ``front_<method>.jsonl``, ``fronts.png`` and ``pareto.json``
+(each front's hypervolume against ``pareto.reference``)::
+
+  python -m alignax.pareto --config=configs/multi_objective_demo.py:pareto \
+      --workdir=/tmp/mo/pareto
+
 References:
   Rame, Couairon, Shukor, Dancette, Gaya, Soulier & Cord, *Rewarded soups:
   towards Pareto-optimal alignment by interpolating weights fine-tuned on
@@ -23,6 +45,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -30,6 +53,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from alignax import cli
+from alignax import dpa
+from alignax import onpolicy
+from alignax import train
 
 _WEIGHT_TOL = 1e-6
 
@@ -371,3 +399,170 @@ def plot_fronts(path, fronts: Mapping[str, Sequence[dict]],
   finally:
     plt.close(fig)
   return path
+
+
+# --- the pareto command --------------------------------------------------------
+
+FRONT_FILE = "front_{}.jsonl"
+PLOT_FILE = "fronts.png"
+SUMMARY_FILE = "pareto.json"
+
+
+class _Evaluator:
+  """Greedy held-out rewards of policies: each objective's mean over the
+  held-out prompts, computed by the task or predicted by a multi-objective
+  reward model (``pareto.reward_model``)."""
+
+  def __init__(self, config, workdir):
+    self._dpa, self._onpolicy = dpa, onpolicy
+    self.config = config
+    p = config.pareto
+    self.objectives = tuple(p.objectives)
+    self.base = dpa.AttributeNames(self.objectives,
+                                   config.data.heldout_fraction)
+    self.sampler = onpolicy._Policy(config, workdir)  # pylint: disable=protected-access
+    self.prompts = self.base.prompts("eval", config.onpolicy.eval_prompts,
+                                     seed=0)
+    self.scorer = (dpa.MultiRewardScorer(
+        config, p.reward_model, self.sampler.tokenizer, self.objectives,
+        mesh=self.sampler.mesh) if p.reward_model else None)
+
+  def _kw(self):
+    return dict(max_prompt_len=self.config.data.preference.max_prompt_len,
+                max_new_tokens=self.config.onpolicy.max_new_tokens,
+                mesh=self.sampler.mesh)
+
+  def _rewards(self, prompts, records):
+    if self.scorer is None:
+      values = np.array([r["scores"][0] for r in records])
+    else:
+      values = self.scorer.attribute_rewards(
+          [p.text for p in prompts], [r["responses"][0] for r in records])
+    return dict(zip(self.objectives, values.mean(0).round(5).tolist()))
+
+  def plain(self, params) -> dict:
+    """Rewards of the plain (unconditioned) held-out prompts."""
+    records = self._onpolicy.sample_records(
+        self.sampler.graphdef, params, self.sampler.tokenizer, self.prompts,
+        self.base, k=1, rng=jax.random.key(0), temperature=0.0, **self._kw())
+    return {"rewards": self._rewards(self.prompts, records),
+            "samples": [r["responses"][0] for r in records[:4]]}
+
+  def directional(self, params, angles) -> list[dict]:
+    """Rewards of the prompts conditioned on each DPA direction."""
+    task = self._dpa.DirectionalTask(self.base)
+    points = []
+    for angle in angles:
+      prompts = [task.prompt(p, self._dpa.direction(angle))
+                 for p in self.prompts]
+      records = self._onpolicy.sample_records(
+          self.sampler.graphdef, params, self.sampler.tokenizer, prompts,
+          self.base, k=1, rng=jax.random.key(0), temperature=0.0,
+          **self._kw())
+      points.append({"angle": float(angle),
+                     "rewards": self._rewards(prompts, records),
+                     "samples": [r["responses"][0] for r in records[:4]]})
+    return points
+
+
+def policy_dir(path: str) -> str:
+  """A run directory, or the last round of an on-policy / DPA workdir."""
+  rounds = [n for n in os.listdir(path) if n.startswith("round_")
+            and n[len("round_"):].isdigit()] if os.path.isdir(path) else []
+  if not rounds:
+    return path
+  return os.path.join(path, max(rounds, key=lambda n: int(n[6:])))
+
+
+def soups_front(ev: _Evaluator, policies: Sequence[str], steps: int):
+  """Rewarded soups: each interpolation of ``policies``' parameters (run
+  directories or the last rounds of DPA / on-policy workdirs)."""
+  trees = [ev.sampler.params(policy_dir(path)) for path in policies]
+  points = []
+  for weights in interpolation_weights(len(trees), steps):
+    point = ev.plain(soup(trees, weights))
+    points.append(dict(point, method="soups", weights=list(weights),
+                       label=f"{weights[-1]:.2f}"))
+  return points
+
+
+def modpo_front(ev: _Evaluator, workdir: str, weights: Sequence[float]):
+  """One MODPO run per weight ``w`` (``modpo_weights = (1 - w, w)``, trained
+  here or resumed), each evaluated on the plain prompts."""
+  points = []
+  for w in weights:
+    if not 0 < w < 1:
+      raise ValueError(f"config.pareto.modpo_weights: {w} must lie in (0, 1) "
+                       "(MODPO divides by the first weight, 1 - w)")
+    c = copy.deepcopy(ev.config)
+    c.objective = "modpo"
+    c.preference.modpo_weights = (1.0 - w, w)
+    trainer, _ = train.run(c, os.path.join(workdir, f"modpo_w{w:g}"))
+    point = ev.plain(trainer.state.params)
+    points.append(dict(point, method="modpo", weights=[1.0 - w, w],
+                       label=f"{w:g}"))
+  return points
+
+
+def dpa_front(ev: _Evaluator, run_dir: str, angles: Sequence[float]):
+  """The DPA policy of ``run_dir``, one point per direction."""
+  points = ev.directional(ev.sampler.params(policy_dir(run_dir)), angles)
+  return [dict(p, method="dpa", label=f"{p['angle']:g}") for p in points]
+
+
+def run(config, workdir: str) -> dict[str, dict]:
+  """Builds each configured front; writes them, the plot and a summary.
+
+  ``pareto.soups`` (policy directories; empty = no soups front),
+  ``pareto.modpo_weights`` (empty = no MODPO front) and ``pareto.dpa`` (a
+  DPA run; empty = none). Returns ``{method: {"hypervolume", "points",
+  "nondominated"}}``, also written to ``workdir/pareto.json``.
+  """
+  p = config.pareto
+  if len(p.reference) != len(p.objectives):
+    raise ValueError(f"config.pareto.reference={tuple(p.reference)} needs one "
+                     f"value per objective {tuple(p.objectives)}")
+  if not config.tokenizer.cache_dir:
+    config.tokenizer.cache_dir = os.path.join(workdir, "tokenizer")
+  ev = _Evaluator(config, workdir)
+  fronts = {}
+  if p.soups:
+    fronts["soups"] = soups_front(ev, tuple(p.soups), int(p.soup_steps))
+  if p.modpo_weights:
+    fronts["modpo"] = modpo_front(ev, workdir, tuple(p.modpo_weights))
+  if p.dpa:
+    fronts["dpa"] = dpa_front(ev, p.dpa, tuple(config.dpa.eval_angles))
+  if not fronts:
+    raise ValueError("config.pareto: set soups, modpo_weights or dpa")
+  summary = {}
+  for method, points in fronts.items():
+    xy = [[q["rewards"][o] for o in ev.objectives] for q in points]
+    summary[method] = {
+        "hypervolume": hypervolume(xy, tuple(p.reference)),
+        "points": len(points),
+        "nondominated": int(nondominated(xy).sum())}
+    if jax.process_index() == 0:
+      write_front(os.path.join(workdir, FRONT_FILE.format(method)), points)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+    try:
+      plot_fronts(os.path.join(workdir, PLOT_FILE), fronts, ev.objectives[:2],
+                  reference=tuple(p.reference)[:2],
+                  title="held-out greedy rewards")
+    except ImportError as exc:  # matplotlib is the notebooks extra
+      print(f"no plot: {exc}")
+  return summary, fronts
+
+
+def _print_fronts(config, workdir):
+  summary, fronts = run(config, workdir)
+  for method, points in fronts.items():
+    for q in points:
+      print(json.dumps({"method": method, "label": q["label"],
+                        "rewards": q["rewards"], "samples": q["samples"]}))
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  cli.config_command(_print_fronts, "Root of the fronts (and the MODPO runs).")

@@ -21,7 +21,8 @@ LAYERS = (
     ("reference", "defaults", "decorrelation"),
     ("train",),
     # commands: may import anything
-    ("onpolicy", "mine", "aot", "generate", "rl", "curriculum", "grace"),
+    ("onpolicy", "mine", "aot", "generate", "rl", "curriculum", "grace",
+     "dpa", "pareto"),
 )
 
 

@@ -360,13 +360,24 @@ def _pairwise(config, pair_loss, needs_reference=True, use_weighting=False):
       ld_alpha=float(p.get("ld_alpha", 1.0)), use_weighting=use_weighting)
 
 
+def reads_reference(config) -> bool:
+  """Whether ``objective='dpo'`` reads a reference model: every loss type
+  but ``'sft'`` alone (TRL's chosen NLL, i.e. rejection-sampling
+  fine-tuning on the chosen responses) does."""
+  names = {n.strip() for n in str(config.preference.loss_type).split(",")
+           if n.strip()}
+  return names != {"sft"}
+
+
 def dpo_from_config(config, *, mesh=None):
   """DPO family: ``preference.loss_type`` (+ ``sft_weight`` NLL, WPO)."""
   del mesh
   w = config.preference.sft_weight
   return _pairwise(config, build_pair_loss(
       config.preference, extra=(("sft", w),) if w else ()),
-      use_weighting=bool(config.preference.get("use_weighting", False)))
+                   needs_reference=reads_reference(config),
+                   use_weighting=bool(config.preference.get("use_weighting",
+                                                            False)))
 
 
 def orpo_from_config(config, *, mesh=None):
