@@ -236,6 +236,8 @@ class MultiRewardScorer:
     rm_config.data.preference.attributes = attributes
     rm_config.reward.verbosity_attribute = recorded["reward"].get(
         "verbosity_attribute", "")
+    rm_config.reward.gate_hidden = recorded["reward"].get(
+        "gate_hidden", config.reward.gate_hidden)  # the gate's shape
     cfg = onpolicy.with_recorded_adapters(
         state_lib.build_model_config(config.model, tokenizer), path)
     self._mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
