@@ -4,7 +4,7 @@ A user's preference is a unit vector :math:`v` in the space of M rewards
 (``dpa.objectives``), written into the prompt by a template
 (:func:`conditioned`)::
 
-  # maximize 0.87 correctness + 0.50 length
+  # maximize 0.87 similarity + 0.50 length
   # Return the tag of the element.
   def
 
@@ -14,8 +14,9 @@ of :mod:`alignax.onpolicy`. Round ``r``:
 
 1. every training prompt gets a direction :math:`v = (\\cos\\theta,
    \\sin\\theta)` with :math:`\\theta` uniform in ``dpa.angles`` (degrees;
-   M = 2), and the policy samples ``K = data.preference.list_size``
-   responses to the conditioned prompt;
+   M = 2) or drawn from the grid ``dpa.train_angles``, and the policy
+   samples ``K = data.preference.list_size`` responses to the conditioned
+   prompt;
 2. each response gets its M rewards, either computed by the task
    (:class:`AttributeNames`: the embedded task's attributes) or predicted by
    a multi-objective reward model's attribute heads (``dpa.reward_model``:
@@ -102,23 +103,28 @@ def parse_direction(text: str, objectives: Sequence[str]) -> np.ndarray:
   return np.array([weights[name] for name in objectives])
 
 
+OBJECTIVES = attribute_task.ATTRIBUTES + ("similarity",)
+
+
 class AttributeNames:
   """The embedded docstring -> name task with M computed rewards.
 
   Prompts and the held-out split are :class:`alignax.onpolicy.DocstringTask`'s;
-  a response (``name(``) gets the attributes of
-  :mod:`alignax.data.attribute_task` named by ``objectives`` (correctness,
-  brevity, style, length) against the true name.
+  a response (``name(``) gets, against the true name, the attributes of
+  :mod:`alignax.data.attribute_task` (``correctness``: word F1, ``brevity``,
+  ``style``, ``length``: characters / 32) or ``similarity`` (the on-policy
+  task's ``difflib`` ratio, a denser signal than word F1 for a small model)
+  named by ``objectives``.
   """
 
   stop_strings = onpolicy.DocstringTask.stop_strings
 
-  def __init__(self, objectives: Sequence[str] = ("correctness", "length"),
+  def __init__(self, objectives: Sequence[str] = ("similarity", "length"),
                heldout_fraction: float = 0.02):
-    unknown = set(objectives) - set(attribute_task.ATTRIBUTES)
+    unknown = set(objectives) - set(OBJECTIVES)
     if unknown or not objectives:
       raise ValueError(f"dpa.objectives={tuple(objectives)}: each must be one "
-                       f"of {attribute_task.ATTRIBUTES}")
+                       f"of {OBJECTIVES}")
     self.objectives = tuple(objectives)
     self._names = onpolicy.DocstringTask(heldout_fraction)
     self._fraction = heldout_fraction
@@ -131,7 +137,9 @@ class AttributeNames:
 
   def rewards(self, target: str, response: str) -> np.ndarray:
     """``[M]`` rewards of ``response`` (``name(``) for the true ``target``."""
-    attrs = attribute_task.attributes(target, response.removesuffix("("))
+    name = response.removesuffix("(")
+    attrs = attribute_task.attributes(target, name)
+    attrs["similarity"] = preference_task.similarity(target, name)
     return np.array([attrs[a] for a in self.objectives])
 
   def reward(self, prompt, response: str) -> list[float]:
@@ -159,10 +167,13 @@ class DirectionalTask:
     angles: ``(low, high)`` degrees; directions are drawn uniformly between.
     condition: write the direction into the prompt (False: a single-
       objective policy trained on the fixed direction of ``angles``).
+    grid: if given, directions are drawn uniformly from these angles
+      (degrees, within ``angles``) instead: a few distinct directions that
+      a small model learns to tell apart sooner.
   """
 
   def __init__(self, base: AttributeNames, angles: Sequence[float] = (0, 90),
-               *, condition: bool = True):
+               *, condition: bool = True, grid: Sequence[float] = ()):
     if len(base.objectives) != 2:
       raise ValueError(f"dpa.objectives={base.objectives}: directions are "
                        "angles in a plane, so DPA needs exactly 2 objectives.")
@@ -170,12 +181,20 @@ class DirectionalTask:
     if not 0 <= low <= high <= 90:
       raise ValueError(f"dpa.angles={tuple(angles)}: need 0 <= low <= high "
                        "<= 90 degrees.")
+    grid = tuple(float(a) for a in grid)
+    if any(not low <= a <= high for a in grid):
+      raise ValueError(f"dpa.train_angles={grid}: each must lie in "
+                       f"dpa.angles=({low:g}, {high:g}).")
     self.base, self.angles, self.condition = base, (low, high), condition
+    self.grid = grid
     self.stop_strings = base.stop_strings
 
   def _angles(self, n, seed):
+    rng = np.random.default_rng([seed, 7])
+    if self.grid:
+      return np.asarray(self.grid)[rng.integers(len(self.grid), size=n)]
     low, high = self.angles
-    return np.random.default_rng([seed, 7]).uniform(low, high, n)
+    return rng.uniform(low, high, n)
 
   def prompt(self, prompt, v):
     text = (conditioned(prompt.text, v, self.base.objectives)
@@ -344,7 +363,8 @@ def run(config, workdir: str) -> list[dict]:
   """
   d = config.dpa
   base = AttributeNames(tuple(d.objectives), config.data.heldout_fraction)
-  task = DirectionalTask(base, tuple(d.angles), condition=bool(d.condition))
+  task = DirectionalTask(base, tuple(d.angles), condition=bool(d.condition),
+                         grid=tuple(d.get("train_angles", ())))
   scorer = None
   if d.reward_model:
     sampler = onpolicy._Policy(config, workdir)  # pylint: disable=protected-access

@@ -1,8 +1,8 @@
 """Multi-objective alignment on the embedded docstring -> name task.
 
-Two objectives that pull apart: ``correctness`` (F1 of the sampled name's
-words against the true name's) and ``length`` (characters / 32: a padded
-name is longer and less correct). From the UL2 demo LM
+Two objectives that pull apart: ``similarity`` (``difflib`` ratio of the
+sampled name to the true one) and ``length`` (characters / 32: a padded
+name is longer and less similar). From the UL2 demo LM
 (``configs/ul2_demo.py``), every variant is a few minutes on 2 CPU cores.
 The UL2 LM does not write names yet (its samples are fragments of text), so
 an SFT stage on the task's better candidates comes first (the attribute
@@ -16,8 +16,8 @@ DPA starts from an SFT model:
   python -m alignax.dpa --config=configs/multi_objective_demo.py:dpa \\
       --workdir=/tmp/mo/dpa
   # two single-objective policies from the same base, for rewarded soups
-  python -m alignax.dpa --config=configs/multi_objective_demo.py:correctness \\
-      --workdir=/tmp/mo/correctness
+  python -m alignax.dpa --config=configs/multi_objective_demo.py:similarity \\
+      --workdir=/tmp/mo/similarity
   python -m alignax.dpa --config=configs/multi_objective_demo.py:length \\
       --workdir=/tmp/mo/length
   # the fronts: soups of the two, MODPO per weight (trained here), DPA per
@@ -34,8 +34,8 @@ import ml_collections
 
 from alignax import defaults
 
-VARIANTS = ("sft", "dpa", "correctness", "length", "modpo", "pareto")
-OBJECTIVES = ("correctness", "length")
+VARIANTS = ("sft", "dpa", "similarity", "length", "modpo", "pareto")
+OBJECTIVES = ("similarity", "length")
 
 
 def get_config(arg="dpa"):
@@ -75,6 +75,7 @@ def get_config(arg="dpa"):
   c.dpa = ml_collections.ConfigDict()
   c.dpa.objectives = OBJECTIVES  # the reward space of the directions
   c.dpa.angles = (0.0, 90.0)  # training directions: uniform angle (degrees)
+  c.dpa.train_angles = (0.0, 45.0, 90.0)  # or drawn from these (() = uniform)
   c.dpa.condition = True  # write the direction into the prompt
   c.dpa.eval_angles = (0.0, 22.5, 45.0, 67.5, 90.0)  # held-out directions
   c.dpa.reward_model = ""  # ArmoRM run ("" = the task's computed rewards)
@@ -86,8 +87,8 @@ def get_config(arg="dpa"):
     c.train.steps = 200  # one pass over ~3,200 chosen names
     c.train.eval_every = 100
     c.checkpoint.save_every = 100
-  if arg in ("correctness", "length"):  # one fixed direction, no template
-    angle = 0.0 if arg == "correctness" else 90.0
+  if arg in ("similarity", "length"):  # one fixed direction, no template
+    angle = 0.0 if arg == "similarity" else 90.0
     c.dpa.angles = (angle, angle)
     c.dpa.condition = False
     c.dpa.eval_angles = (angle,)
@@ -105,7 +106,7 @@ def get_config(arg="dpa"):
   c.pareto = ml_collections.ConfigDict()
   c.pareto.objectives = OBJECTIVES  # the front's axes
   c.pareto.reference = (0.0, 0.0)  # hypervolume reference point
-  c.pareto.soups = ("/tmp/mo/correctness", "/tmp/mo/length")  # policies
+  c.pareto.soups = ("/tmp/mo/similarity", "/tmp/mo/length")  # policies
   c.pareto.soup_steps = 6  # interpolation weights from (1, 0) to (0, 1)
   c.pareto.modpo_weights = (0.1, 0.3, 0.5, 0.7, 0.9)  # w of (1 - w, w)
   c.pareto.dpa = "/tmp/mo/dpa"  # the DPA run (its dpa.eval_angles)

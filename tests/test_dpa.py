@@ -72,6 +72,12 @@ def test_attribute_rewards_hand_computed():
   np.testing.assert_allclose(task.rewards("get_tag", "("), [0.0, 0.0])
   # camelCase splits into the same words.
   np.testing.assert_allclose(task.rewards("get_tag", "getTag("), [1.0, 6 / 32])
+  # similarity: difflib's ratio 2 M / (|a| + |b|): 7 matching characters of
+  # 7 + 20.
+  sim = dpa.AttributeNames(("similarity", "length"))
+  np.testing.assert_allclose(sim.rewards("get_tag", "get_tag_value_helper("),
+                             [14 / 27, 0.625])
+  np.testing.assert_allclose(sim.rewards("get_tag", "get_tag("), [1.0, 7 / 32])
   with pytest.raises(ValueError, match="each must be one of"):
     dpa.AttributeNames(("correctness", "helpfulness"))
 
@@ -102,6 +108,15 @@ def test_directional_prompts_carry_their_direction_and_reward_v_dot_r():
     dpa.DirectionalTask(dpa.AttributeNames(("correctness",)))
   with pytest.raises(ValueError, match="0 <= low <= high <= 90"):
     dpa.DirectionalTask(base, (60.0, 30.0))
+
+
+def test_a_grid_of_training_directions():
+  base = dpa.AttributeNames(("similarity", "length"))
+  task = dpa.DirectionalTask(base, grid=(0.0, 45.0, 90.0))
+  vs = {p.target[1] for p in task.prompts("train", 60, seed=0)}
+  assert vs == {tuple(dpa.direction(a)) for a in (0.0, 45.0, 90.0)}
+  with pytest.raises(ValueError, match="must lie in dpa.angles"):
+    dpa.DirectionalTask(base, (0.0, 45.0), grid=(0.0, 90.0))
 
 
 def test_heldout_pairs_are_ranked_by_their_direction():
@@ -137,7 +152,8 @@ def dpa_run(tmp_path_factory):
 
 def test_a_dpa_round_fine_tunes_on_the_best_samples(dpa_run):
   config, workdir, points = dpa_run
-  base = dpa.AttributeNames(("correctness", "length"))
+  base = dpa.AttributeNames(tuple(config.dpa.objectives))
+  assert base.objectives == ("similarity", "length")  # the demo's
   task = dpa.DirectionalTask(base)
   prompts = {p.text: p for p in task.prompts("train", 6, seed=config.seed)}
   records = _read_jsonl(os.path.join(workdir, "round_0", "samples.jsonl"))
@@ -152,7 +168,7 @@ def test_a_dpa_round_fine_tunes_on_the_best_samples(dpa_run):
   assert round_config["preference"]["loss_type"] == "sft"
   assert [p["angle"] for p in points] == [0.0, 90.0]
   for p in points:
-    assert 0 <= p["rewards"]["correctness"] <= 1
+    assert 0 <= p["rewards"]["similarity"] <= 1
     assert 0 <= p["rewards"]["length"] <= 4 * 16 / 32  # 4 tokens
   assert _read_jsonl(os.path.join(workdir, dpa.DIRECTIONS_FILE)) == points
   # A finished run resumes without training or sampling again.
@@ -192,7 +208,7 @@ def test_the_pareto_command_writes_fronts_plot_and_hypervolumes(dpa_run,
   for method, front in fronts.items():
     assert pareto.read_front(os.path.join(
         workdir, pareto.FRONT_FILE.format(method))) == front
-    xy = [[p["rewards"]["correctness"], p["rewards"]["length"]]
+    xy = [[p["rewards"]["similarity"], p["rewards"]["length"]]
           for p in front]
     assert summary[method]["hypervolume"] == pytest.approx(
         pareto.hypervolume(xy, (0.0, 0.0)))
@@ -212,7 +228,7 @@ def test_pareto_config_errors_are_one_line(tmp_path):
     pareto.run(c, str(tmp_path / "p"))
 
 
-@pytest.mark.parametrize("variant", ["sft", "dpa", "correctness", "length",
+@pytest.mark.parametrize("variant", ["sft", "dpa", "similarity", "length",
                                      "modpo", "pareto"])
 def test_demo_variants_pass_the_value_checks(variant):
   from alignax import defaults  # pylint: disable=g-import-not-at-top
