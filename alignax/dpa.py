@@ -21,7 +21,8 @@ of :mod:`alignax.onpolicy`. Round ``r``:
    (:class:`AttributeNames`: the embedded task's attributes) or predicted by
    a multi-objective reward model's attribute heads (``dpa.reward_model``:
    an ArmoRM stage-1 or stage-2 run, :class:`MultiRewardScorer`), and is
-   ranked by :math:`v^\\top r`;
+   ranked by :math:`v^\\top r` (``dpa.normalize``: each objective
+   standardised over the round's samples first);
 3. the policy is fine-tuned on the best response of each prompt
    (``preference.loss_type='sft'``: the chosen NLL, i.e. RSF), or with DPO on
    the best-vs-worst :math:`v`-ranked pairs (``loss_type='sigmoid'``).
@@ -188,6 +189,7 @@ class DirectionalTask:
     self.base, self.angles, self.condition = base, (low, high), condition
     self.grid = grid
     self.stop_strings = base.stop_strings
+    self.targets = {}  # prompt text -> (true name, direction), as drawn
 
   def _angles(self, n, seed):
     rng = np.random.default_rng([seed, 7])
@@ -203,8 +205,10 @@ class DirectionalTask:
 
   def prompts(self, split: str, n: int, *, seed: int):
     plain = self.base.prompts(split, n, seed=seed)
-    return [self.prompt(p, direction(a))
-            for p, a in zip(plain, self._angles(len(plain), seed))]
+    out = [self.prompt(p, direction(a))
+           for p, a in zip(plain, self._angles(len(plain), seed))]
+    self.targets.update((p.text, p.target) for p in out)
+    return out
 
   def clean(self, text: str) -> str:
     return self.base.clean(text)
@@ -230,6 +234,48 @@ class DirectionalTask:
     return onpolicy.to_pairs(records)
 
 
+def directional_scores(rewards: Sequence[np.ndarray],
+                       directions: Sequence[np.ndarray],
+                       normalize: bool) -> list[list[float]]:
+  """``v . r`` of each list's responses.
+
+  Args:
+    rewards: per list, ``[K, M]`` rewards of its responses.
+    directions: per list, its ``[M]`` direction.
+    normalize: standardise each objective over all the responses first
+      (``(r - mean) / std``), so that an objective with a wider spread (a
+      name's length against its similarity) does not decide the ranking
+      for almost every direction.
+  """
+  rewards = [np.asarray(r, np.float64) for r in rewards]
+  if normalize and rewards:
+    flat = np.concatenate(rewards)
+    mean, std = flat.mean(0), flat.std(0)
+    std = np.where(std > 0, std, 1.0)
+    rewards = [(r - mean) / std for r in rewards]
+  return [(r @ np.asarray(v)).tolist() for r, v in zip(rewards, directions)]
+
+
+class ComputedScorer:
+  """Ranks a round's samples by ``v . r`` of the task's computed rewards,
+  optionally standardised over the round (:func:`directional_scores`)."""
+
+  def __init__(self, task: DirectionalTask, normalize: bool):
+    self._task, self._normalize = task, normalize
+
+  def rescore(self, records: Sequence[dict],
+              batch_size: int = 64) -> list[dict]:
+    del batch_size
+    rewards, directions = [], []
+    for r in records:
+      name, v = self._task.targets[r["prompt"]]
+      rewards.append(np.array([self._task.base.rewards(name, t)
+                               for t in r["responses"]]))
+      directions.append(np.asarray(v))
+    scores = directional_scores(rewards, directions, self._normalize)
+    return [dict(r, scores=s) for r, s in zip(records, scores)]
+
+
 class MultiRewardScorer:
   """Scores responses with an ArmoRM run's attribute heads.
 
@@ -242,7 +288,7 @@ class MultiRewardScorer:
   """
 
   def __init__(self, config, path: str, tokenizer, objectives, *, mesh=None,
-               condition=True):
+               normalize=False):
     recorded = _recorded_config(path)
     attributes = tuple(recorded["data"]["preference"]["attributes"])
     missing = [o for o in objectives if o not in attributes]
@@ -250,7 +296,7 @@ class MultiRewardScorer:
       raise ValueError(f"dpa.reward_model={path}: its attributes "
                        f"{attributes} lack {missing}")
     self._index = [attributes.index(o) for o in objectives]
-    self._objectives, self._condition = tuple(objectives), condition
+    self._objectives, self._normalize = tuple(objectives), normalize
     rm_config = copy.deepcopy(config)
     rm_config.data.preference.attributes = attributes
     rm_config.reward.verbosity_attribute = recorded["reward"].get(
@@ -308,14 +354,14 @@ class MultiRewardScorer:
     prompts = [r["prompt"] for r in records for _ in r["responses"]]
     responses = [t for r in records for t in r["responses"]]
     rewards = self.attribute_rewards(prompts, responses, batch_size)
-    out, i = [], 0
+    per_list, directions, i = [], [], 0
     for r in records:
-      v = (parse_direction(r["prompt"], self._objectives)
-           if self._fixed is None else self._fixed)
-      k = len(r["responses"])
-      out.append(dict(r, scores=(rewards[i:i + k] @ v).tolist()))
-      i += k
-    return out
+      directions.append(parse_direction(r["prompt"], self._objectives)
+                        if self._fixed is None else self._fixed)
+      per_list.append(rewards[i:i + len(r["responses"])])
+      i += len(r["responses"])
+    scores = directional_scores(per_list, directions, self._normalize)
+    return [dict(r, scores=s) for r, s in zip(records, scores)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -365,13 +411,16 @@ def run(config, workdir: str) -> list[dict]:
   base = AttributeNames(tuple(d.objectives), config.data.heldout_fraction)
   task = DirectionalTask(base, tuple(d.angles), condition=bool(d.condition),
                          grid=tuple(d.get("train_angles", ())))
-  scorer = None
+  normalize = bool(d.get("normalize", False))
   if d.reward_model:
     sampler = onpolicy._Policy(config, workdir)  # pylint: disable=protected-access
     scorer = MultiRewardScorer(config, d.reward_model, sampler.tokenizer,
-                               base.objectives, mesh=sampler.mesh)
+                               base.objectives, mesh=sampler.mesh,
+                               normalize=normalize)
     if not task.condition:
       scorer.fix_direction(direction(task.angles[0]))
+  else:
+    scorer = ComputedScorer(task, normalize)
   onpolicy.run(config, workdir, task=task, scorer=scorer,
                evaluate_fn=functools.partial(_directional_eval, task=task,
                                           config=config))

@@ -56,13 +56,13 @@ def get_config(arg="dpa"):
   c.optimizer.lr = 1e-3  # below pretraining's 3e-3
   c.optimizer.warmup_steps = 10  # short warmup
   c.optimizer.weight_decay = 0.0  # stay near the base
-  c.train.steps = 60  # per round
+  c.train.steps = 100  # per round
   c.train.batch_size = 16  # rows per step
   c.train.seq_len = 128  # tokens per row
   c.train.log_every = 20  # steps between metrics lines
-  c.train.eval_every = 60  # offline held-out pairs, once per round
+  c.train.eval_every = 100  # offline held-out pairs, once per round
   c.train.eval_batches = 4  # held-out batches per evaluation
-  c.checkpoint.save_every = 60  # one checkpoint per round
+  c.checkpoint.save_every = 100  # one checkpoint per round
   c.onpolicy = ml_collections.ConfigDict()
   c.onpolicy.rounds = 3  # sample -> score -> fine-tune rounds
   c.onpolicy.prompts_per_round = 512  # training prompts sampled per round
@@ -75,7 +75,8 @@ def get_config(arg="dpa"):
   c.dpa = ml_collections.ConfigDict()
   c.dpa.objectives = OBJECTIVES  # the reward space of the directions
   c.dpa.angles = (0.0, 90.0)  # training directions: uniform angle (degrees)
-  c.dpa.train_angles = (0.0, 45.0, 90.0)  # or drawn from these (() = uniform)
+  c.dpa.train_angles = (0.0, 22.5, 45.0, 67.5, 90.0)  # or drawn from these (() = uniform)
+  c.dpa.normalize = True  # standardise each objective over a round's samples
   c.dpa.condition = True  # write the direction into the prompt
   c.dpa.eval_angles = (0.0, 22.5, 45.0, 67.5, 90.0)  # held-out directions
   c.dpa.reward_model = ""  # ArmoRM run ("" = the task's computed rewards)
@@ -90,6 +91,7 @@ def get_config(arg="dpa"):
   if arg in ("similarity", "length"):  # one fixed direction, no template
     angle = 0.0 if arg == "similarity" else 90.0
     c.dpa.angles = (angle, angle)
+    c.dpa.train_angles = ()
     c.dpa.condition = False
     c.dpa.eval_angles = (angle,)
   if arg in ("modpo", "pareto"):  # offline MODPO on the attribute pairs

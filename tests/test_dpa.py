@@ -36,6 +36,7 @@ def _config(tok_dir, variant="dpa"):
   c.onpolicy.update(rounds=1, prompts_per_round=6, eval_prompts=4,
                     max_new_tokens=4, sample_batch=32)
   c.dpa.eval_angles = (0.0, 90.0)
+  c.dpa.normalize = False  # raw v . r: the samples' ranking is checkable
   return c
 
 
@@ -117,6 +118,42 @@ def test_a_grid_of_training_directions():
   assert vs == {tuple(dpa.direction(a)) for a in (0.0, 45.0, 90.0)}
   with pytest.raises(ValueError, match="must lie in dpa.angles"):
     dpa.DirectionalTask(base, (0.0, 45.0), grid=(0.0, 90.0))
+
+
+def test_directional_scores_standardise_each_objective_over_the_round():
+  rewards = [np.array([[0.2, 0.1], [0.3, 0.9]]), np.array([[0.25, 0.5]])]
+  vs = [np.array([1.0, 0.0]), dpa.direction(45.0)]
+  # Raw: v . r.
+  raw = dpa.directional_scores(rewards, vs, normalize=False)
+  np.testing.assert_allclose(raw[0], [0.2, 0.3])
+  np.testing.assert_allclose(raw[1], [0.75 / np.sqrt(2)])
+  # Standardised over the 3 responses: similarity mean 0.25, std
+  # sqrt(1/600); length mean 0.5, std sqrt(0.32 / 3).
+  s_sim, s_len = np.sqrt((0.05**2 * 2) / 3), np.sqrt((0.4**2 * 2) / 3)
+  z = dpa.directional_scores(rewards, vs, normalize=True)
+  np.testing.assert_allclose(z[0], [-0.05 / s_sim, 0.05 / s_sim])
+  np.testing.assert_allclose(z[1], [0.0], atol=1e-12)
+  # A NumPy reference on random rounds.
+  rng = np.random.default_rng(0)
+  rewards = [rng.normal(size=(4, 2)) * [0.1, 1.0] for _ in range(5)]
+  vs = [dpa.direction(a) for a in rng.uniform(0, 90, 5)]
+  flat = np.concatenate(rewards)
+  want = [((r - flat.mean(0)) / flat.std(0)) @ v for r, v in zip(rewards, vs)]
+  for got, w in zip(dpa.directional_scores(rewards, vs, True), want):
+    np.testing.assert_allclose(got, w)
+  # The computed scorer: the targets the prompts were drawn with.
+  task = dpa.DirectionalTask(dpa.AttributeNames(("similarity", "length")))
+  prompts = task.prompts("train", 3, seed=1)
+  records = [{"prompt": p.text, "responses": [p.target[0] + "(", "x(",
+                                               p.target[0] + "_data_value("]}
+             for p in prompts]
+  scored = dpa.ComputedScorer(task, normalize=True).rescore(records)
+  rewards = [np.array([task.base.rewards(p.target[0], t)
+                       for t in r["responses"]])
+             for p, r in zip(prompts, records)]
+  want = dpa.directional_scores(rewards, [p.target[1] for p in prompts], True)
+  assert [r["scores"] for r in scored] == want
+  assert all("scores" not in r for r in records)
 
 
 def test_heldout_pairs_are_ranked_by_their_direction():
