@@ -191,7 +191,8 @@ def test_a_dpa_round_fine_tunes_on_the_best_samples(dpa_run):
   config, workdir, points = dpa_run
   base = dpa.AttributeNames(tuple(config.dpa.objectives))
   assert base.objectives == ("similarity", "length")  # the demo's
-  task = dpa.DirectionalTask(base)
+  task = dpa.DirectionalTask(base, tuple(config.dpa.angles),
+                             grid=tuple(config.dpa.train_angles))
   prompts = {p.text: p for p in task.prompts("train", 6, seed=config.seed)}
   records = _read_jsonl(os.path.join(workdir, "round_0", "samples.jsonl"))
   assert records and all(r["prompt"] in prompts for r in records)

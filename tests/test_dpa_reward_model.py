@@ -178,10 +178,13 @@ def test_a_dpa_round_is_ranked_by_the_reward_model(armo, tmp_path):
   config, run_dir, _, _ = armo
   config = copy.deepcopy(config)
   config.dpa.reward_model = run_dir
+  config.dpa.normalize = False  # raw v . r: checkable pair by pair
   workdir = str(tmp_path / "dpa")
   points = dpa.run(config, workdir)
   objectives = tuple(config.dpa.objectives)
-  task = dpa.DirectionalTask(dpa.AttributeNames(objectives))
+  task = dpa.DirectionalTask(dpa.AttributeNames(objectives),
+                             tuple(config.dpa.angles),
+                             grid=tuple(config.dpa.train_angles))
   prompts = {p.text for p in task.prompts("train", 6, seed=config.seed)}
   with open(os.path.join(workdir, "round_0", "samples.jsonl")) as f:
     pairs = [json.loads(line) for line in f]
