@@ -133,6 +133,8 @@ def test_directional_scores_standardise_each_objective_over_the_round():
   z = dpa.directional_scores(rewards, vs, normalize=True)
   np.testing.assert_allclose(z[0], [-0.05 / s_sim, 0.05 / s_sim])
   np.testing.assert_allclose(z[1], [0.0], atol=1e-12)
+  z = dpa.directional_scores(rewards, [np.array([0.0, 1.0]), vs[1]], True)
+  np.testing.assert_allclose(z[0], [-0.4 / s_len, 0.4 / s_len])
   # A NumPy reference on random rounds.
   rng = np.random.default_rng(0)
   rewards = [rng.normal(size=(4, 2)) * [0.1, 1.0] for _ in range(5)]
