@@ -63,7 +63,6 @@ import numpy as np
 from flax import nnx
 
 from alignax import cli
-from alignax import generate as gen
 from alignax import init_from
 from alignax import onpolicy
 from alignax import sharding as shd
@@ -321,30 +320,14 @@ class MultiRewardScorer:
                         responses: Sequence[str],
                         batch_size: int = 64) -> np.ndarray:
     """``[N, M]`` predicted rewards of ``objectives``."""
-    rows, prompt_lens = [], []
-    keep = int(self._pref.max_prompt_len)
-    for p, r in zip(prompts, responses):
-      ids = [self._tok.bos_id] + self._tok.encode(p)
-      if len(ids) > keep:
-        ids = ids[:1] + ids[len(ids) - keep + 1:]
-      rows.append(ids + self._tok.encode(r)[
-          :int(self._pref.max_response_len) - 1])
-      prompt_lens.append(len(ids))
+    rows = [onpolicy.score_row(self._tok, self._pref, p, r)
+            for p, r in zip(prompts, responses)]
     out = []
-    batch_size = -(-batch_size // self._rows) * self._rows
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      length = gen.bucket_length(max(map(len, chunk)),
-                                 gen.DEFAULT_LENGTH_BUCKETS)
-      tokens = np.zeros((batch_size, length), np.int32)
-      segments = np.zeros_like(tokens)
-      prompt_mask = np.zeros(tokens.shape, bool)
-      for i, row in enumerate(chunk):
-        tokens[i, :len(row)], segments[i, :len(row)] = row, 1
-        prompt_mask[i, :prompt_lens[start + i]] = True
+    for n, tokens, segments, prompt_mask in onpolicy.score_batches(
+        rows, batch_size, self._rows):
       _, rewards, _ = _score(self._graphdef, self._params, tokens, segments,
                              prompt_mask)
-      out.append(np.asarray(rewards)[:len(chunk)][:, self._index])
+      out.append(np.asarray(rewards)[:n][:, self._index])
     return np.concatenate(out, 0) if out else np.zeros(
         (0, len(self._index)))
 

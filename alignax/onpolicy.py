@@ -189,35 +189,52 @@ class RewardModelScorer:
         path, cfg, mesh, config.sharding_rules, build=heads.RewardModel)
     self._rows = shd.global_batch_size(mesh)
 
-  def _row(self, prompt: str, response: str) -> list[int]:
-    prompt_ids = [self._tok.bos_id] + self._tok.encode(prompt)
-    keep = int(self._pref.max_prompt_len)
-    if len(prompt_ids) > keep:
-      prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
-    return prompt_ids + self._tok.encode(response)[
-        :int(self._pref.max_response_len) - 1]
-
   def rescore(self, records: Sequence[dict], batch_size: int = 64) -> list[dict]:
     """``records`` (``prompt``/``responses``) with reward-model ``scores``."""
-    rows = [self._row(r["prompt"], t) for r in records for t in r["responses"]]
+    rows = [score_row(self._tok, self._pref, r["prompt"], t)
+            for r in records for t in r["responses"]]
     scores = []
-    batch_size = -(-batch_size // self._rows) * self._rows
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      length = gen.bucket_length(max(map(len, chunk)),
-                                 gen.DEFAULT_LENGTH_BUCKETS)
-      tokens = np.zeros((batch_size, length), np.int32)
-      segments = np.zeros_like(tokens)
-      for i, row in enumerate(chunk):
-        tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+    for n, tokens, segments, _ in score_batches(rows, batch_size, self._rows):
       scores += np.asarray(_score(self._graphdef, self._params, tokens,
-                                  segments))[:len(chunk)].tolist()
+                                  segments))[:n].tolist()
     out, i = [], 0
     for r in records:
       k = len(r["responses"])
       out.append(dict(r, scores=scores[i:i + k]))
       i += k
     return out
+
+
+def score_row(tokenizer, pref, prompt: str,
+              response: str) -> tuple[list[int], int]:
+  """``([BOS] + prompt + response ids, prompt length)``, no EOS, truncated
+  as the preference pipeline truncates (``pref``: ``config.data.preference``,
+  its ``max_prompt_len`` keeping the prompt's end and ``max_response_len``),
+  i.e. read where a reward model's training read."""
+  prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  keep = int(pref.max_prompt_len)
+  if len(prompt_ids) > keep:
+    prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
+  return (prompt_ids + tokenizer.encode(response)[
+      :int(pref.max_response_len) - 1], len(prompt_ids))
+
+
+def score_batches(rows, batch_size: int, multiple: int):
+  """Padded batches of :func:`score_row` rows: ``(n rows, tokens,
+  segment_ids, prompt_mask)``, ``batch_size`` rounded up to ``multiple``
+  (the mesh's batch ways), lengths in the generator's fixed buckets."""
+  batch_size = -(-batch_size // multiple) * multiple
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    length = gen.bucket_length(max(len(ids) for ids, _ in chunk),
+                               gen.DEFAULT_LENGTH_BUCKETS)
+    tokens = np.zeros((batch_size, length), np.int32)
+    segments = np.zeros_like(tokens)
+    prompt_mask = np.zeros(tokens.shape, bool)
+    for i, (ids, prompt_len) in enumerate(chunk):
+      tokens[i, :len(ids)], segments[i, :len(ids)] = ids, 1
+      prompt_mask[i, :prompt_len] = True
+    yield len(chunk), tokens, segments, prompt_mask
 
 
 def with_recorded_adapters(cfg, path: str):

@@ -414,7 +414,6 @@ class _Evaluator:
   reward model (``pareto.reward_model``)."""
 
   def __init__(self, config, workdir):
-    self._dpa, self._onpolicy = dpa, onpolicy
     self.config = config
     p = config.pareto
     self.objectives = tuple(p.objectives)
@@ -442,7 +441,7 @@ class _Evaluator:
 
   def plain(self, params) -> dict:
     """Rewards of the plain (unconditioned) held-out prompts."""
-    records = self._onpolicy.sample_records(
+    records = onpolicy.sample_records(
         self.sampler.graphdef, params, self.sampler.tokenizer, self.prompts,
         self.base, k=1, rng=jax.random.key(0), temperature=0.0, **self._kw())
     return {"rewards": self._rewards(self.prompts, records),
@@ -450,12 +449,12 @@ class _Evaluator:
 
   def directional(self, params, angles) -> list[dict]:
     """Rewards of the prompts conditioned on each DPA direction."""
-    task = self._dpa.DirectionalTask(self.base)
+    task = dpa.DirectionalTask(self.base)
     points = []
     for angle in angles:
-      prompts = [task.prompt(p, self._dpa.direction(angle))
+      prompts = [task.prompt(p, dpa.direction(angle))
                  for p in self.prompts]
-      records = self._onpolicy.sample_records(
+      records = onpolicy.sample_records(
           self.sampler.graphdef, params, self.sampler.tokenizer, prompts,
           self.base, k=1, rng=jax.random.key(0), temperature=0.0,
           **self._kw())
