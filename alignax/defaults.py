@@ -249,6 +249,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.preference.shared_prompt = True  # encode each prompt once; responses attend to it
   c.data.preference.max_prompt_len = 64  # prompt tokens kept, from the end (keep_end)
   c.data.preference.max_response_len = 64  # response tokens kept, from the start
+  c.data.preference.max_length = 0  # TRL's max_length (0 = off): each prompt + response cut to this many tokens from the start, replacing max_prompt_len / max_response_len; train.seq_len must hold K x (max_length - 1)
   c.data.preference.reward_fields = ()  # modpo: score fields of the other objectives
   c.data.preference.task_repeats = 4  # embedded task: distractor draws per function
   c.data.preference.reference_cache = ""  # dir of cached reference log-probs (set by alignax.reference)
@@ -347,6 +348,10 @@ VALUE_CHECKS = {
     "reward.num_bins": (lambda v: _positive_int(v) and v >= 2,
                         "an integer >= 2"),
     "reward.mmd_bandwidth": (_non_negative, "a finite number >= 0 (0 = median)"),
+    "data.preference.max_prompt_len": (_positive_int, "an integer > 0"),
+    "data.preference.max_response_len": (_positive_int, "an integer > 0"),
+    "data.preference.max_length": (lambda v: isinstance(v, int) and (v == 0 or v >= 2),
+                                   "0 (off) or an integer >= 2"),
     "data.preference.task_length_bias": (lambda v: _finite(v) and 0 <= v <= 1,
                                          "in [0, 1]"),
     "data.heldout_fraction": (_fraction, "in [0, 1)"),
@@ -410,6 +415,17 @@ def check_values(c: ml_collections.ConfigDict) -> None:
         f"{c.train.eval_every} needs held-out data: set config.data."
         "eval_paths, or config.data.eval_fraction (e.g. 0.01) to hold out "
         "part of data.paths, or config.train.eval_every=0")
+  if d.preference.max_length and c.data.task == "preference":
+    # A group of K sequences of at most max_length tokens (prompt + response,
+    # as TRL counts them) needs at most K (max_length - 1) row positions,
+    # shared prompt or not (a 1-token prompt is the worst case).
+    k = d.preference.list_size if d.preference.format == "lists" else 2
+    need = k * (d.preference.max_length - 1)
+    if c.train.seq_len < need:
+      raise ValueError(
+          f"config.train.seq_len={c.train.seq_len} cannot hold {k} responses of "
+          f"config.data.preference.max_length={d.preference.max_length} (prompt + "
+          f"response, TRL's max_length): use seq_len >= {need}")
   fields = dict(c.model)
   fields["vocab_size"] = fields["vocab_size"] or 128  # 0 = the tokenizer's
   try:

@@ -104,7 +104,8 @@ def cache_key(config, tokenizer, params):
       # shared_prompt changes how a long example is cut to fit a row.
       "preference": {k: p[k] for k in (
           "format", "list_size", "max_prompt_len", "max_response_len",
-          "task_repeats", "shared_prompt")},
+          "task_repeats", "shared_prompt")} | {
+              "max_length": p.get("max_length", 0)},
       "ld_alpha": _ld_alpha(config),
       "seq_len": config.train.seq_len,
       "tokenizer": [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,

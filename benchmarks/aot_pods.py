@@ -15,15 +15,24 @@ shapes, and report the compiler's per-chip memory and its cost analysis:
 Both use bf16 compute over fp32 weights and Adam state, full remat, scanned
 layers and a fully sharded (fsdp = all chips) mesh. The cost analysis of a
 scanned layer loop counts the body once on both sides, so the FLOPs and the
-compiler's step seconds compared here are "scan once" numbers (alignax's
-``--compile_for`` also prints an unrolled estimate).
+compiler's step seconds of the real (scanned) compile are "scan once"
+numbers. ``--estimate`` adds comparable step estimates: each stack also
+compiles the same step with 1 and 2 layers *unrolled* and extrapolates
+``c(L) = c(1) + (L - 1) (c(2) - c(1))`` for XLA's FLOPs and its
+``optimal_seconds`` (alignax: :func:`alignax.aot.layer_cost`; MaxText:
+``scan_layers=false base_num_decoder_layers=1|2``). Those are the compilers'
+idealised estimates, not timings, and each stack's comes from its own libtpu.
 
 The stacks alternate shape by shape; the load average is printed with each.
 Usage (MaxText's venv: ``python3.12 -m venv V && V/bin/pip install
 'maxtext[tpu]==0.2.5'``)::
 
   python benchmarks/aot_pods.py --maxtext_python=/tmp/mt/bin/python \\
-      --shapes=7b_4x2048,7b_1x8192,1b_16x2048
+      --shapes=7b_4x2048,7b_1x8192,1b_16x2048 [--estimate]
+
+``--alignax_python=/tmp/mt/bin/python`` runs alignax's compiles under
+MaxText's jax and libtpu too (alignax imports from this checkout), so that
+both stacks go through one compiler.
 """
 
 from __future__ import annotations
@@ -58,7 +67,8 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v5p-8",
            ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 
 _ALIGNAX = """
-import json, sys
+import json, os, sys
+sys.path.insert(0, os.getcwd())  # this checkout, also from another virtualenv
 from alignax import aot
 from configs import ul2_pod
 topology, rows, seq, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
@@ -66,7 +76,8 @@ c = ul2_pod.get_config()
 c.model.update(model, max_seq_len=seq)
 c.tokenizer.num_sentinels = 0
 c.train.update(seq_len=seq, batch_size=rows * aot.parse_topology(topology)[2])
-report = aot.compile_for(c, topology, layer_cost_estimate=False, eval_step=False)
+estimate = sys.argv[5] == "1"
+report = aot.compile_for(c, topology, layer_cost_estimate=estimate, eval_step=False)
 import jax, jaxlib, importlib.metadata as md
 report["versions"] = {"jax": jax.__version__, "libtpu": md.version("libtpu")}
 print("REPORT " + json.dumps(report))
@@ -80,10 +91,10 @@ def _run(cmd, cwd=ROOT):
   return done, time.perf_counter() - t0
 
 
-def alignax_side(shape):
+def alignax_side(shape, estimate=False, python=sys.executable):
   topology, rows, seq, _, model = SHAPES[shape]
-  done, seconds = _run([sys.executable, "-c", _ALIGNAX, topology, str(rows),
-                        str(seq), json.dumps(model)])
+  done, seconds = _run([python, "-c", _ALIGNAX, topology, str(rows),
+                        str(seq), json.dumps(model), "1" if estimate else "0"])
   line = [l for l in done.stdout.splitlines() if l.startswith("REPORT ")]
   if done.returncode or not line:
     return {"error": done.stderr.strip().splitlines()[-1:] or ["?"],
@@ -97,6 +108,10 @@ def alignax_side(shape):
           "flops_scan_once": report["hlo_flops_per_chip_scan_once"],
           "step_seconds_scan_once": report["step_seconds_scan_once"],
           "compile_seconds": report["compile_seconds"]["train"],
+          "flops_unrolled": report.get("hlo_flops_per_chip"),
+          "step_seconds_estimate": report.get("estimated_step_seconds"),
+          "model_flops_per_step": report.get("model_flops_per_step"),
+          "chips": report["chips"],
           "wall_seconds": seconds, "versions": report["versions"]}
 
 
@@ -113,23 +128,53 @@ def _stat(text, name):
   return int(match.group(1)) if match else None
 
 
-def maxtext_side(shape, python, workdir):
+def _maxtext_compile(shape, python, workdir, *extra):
   topology, rows, seq, model_name, _ = SHAPES[shape]
   cmd = [python, "-m", "maxtext.trainers.pre_train.train_compile",
          _maxtext_base_yml(python), f"compile_topology={topology}",
          "compile_topology_num_slices=1", f"model_name={model_name}",
          f"per_device_batch_size={rows}", f"max_target_length={seq}",
          "dataset_type=synthetic", "enable_checkpointing=false",
-         "remat_policy=full", "scan_layers=true",
-         f"base_output_directory={workdir}", "run_name=aot_pods"]
-  done, seconds = _run(cmd, cwd=workdir)
+         "remat_policy=full", f"base_output_directory={workdir}",
+         "run_name=aot_pods", *extra]
+  return _run(cmd, cwd=workdir)
+
+
+def _maxtext_cost(out):
+  cost = re.search(r"Cost analysis: (\{.*\})", out)
+  return ast.literal_eval(cost.group(1)) if cost else {}
+
+
+def maxtext_estimate(shape, python, workdir):
+  """MaxText's step cost with every layer counted: its step compiled with 1
+  and 2 unrolled layers, extrapolated linearly to the model's layers."""
+  costs = []
+  for layers in (1, 2):
+    # A named model's fields change only with override_model_config.
+    done, _ = _maxtext_compile(shape, python, workdir, "scan_layers=false",
+                               f"base_num_decoder_layers={layers}",
+                               "override_model_config=true")
+    out = done.stdout + done.stderr
+    cost = _maxtext_cost(out)
+    if done.returncode or not cost:
+      tail = [l for l in out.splitlines() if l.strip()][-3:]
+      return {"estimate_error": tail}
+    costs.append(cost)
+  n = SHAPES[shape][4]["n_layers"]
+  grow = lambda key: costs[0][key] + (n - 1) * (costs[1][key] - costs[0][key])
+  return {"flops_unrolled": grow("flops"),
+          "step_seconds_estimate": grow("optimal_seconds")}
+
+
+def maxtext_side(shape, python, workdir, estimate=False):
+  start = time.perf_counter()
+  done, seconds = _maxtext_compile(shape, python, workdir, "scan_layers=true")
   out = done.stdout + done.stderr
   temp = _stat(out, "temp_size_in_bytes")
   if done.returncode or temp is None:
     tail = [l for l in out.splitlines() if l.strip()][-3:]
     return {"error": tail, "wall_seconds": seconds}
-  cost = re.search(r"Cost analysis: (\{.*\})", out)
-  cost = ast.literal_eval(cost.group(1)) if cost else {}
+  cost = _maxtext_cost(out)
   argument = _stat(out, "argument_size_in_bytes")
   output = _stat(out, "output_size_in_bytes")
   alias = _stat(out, "alias_size_in_bytes")
@@ -137,12 +182,16 @@ def maxtext_side(shape, python, workdir):
       [python, "-c", "import jax, importlib.metadata as md; print(jax.__version__,"
        " md.version('libtpu'), md.version('maxtext'))"], env=ENV,
       capture_output=True, text=True, check=False).stdout.split()
-  return {"temp_gib": temp / GiB, "argument_gib": argument / GiB,
-          "total_gib": (argument + output - alias + temp) / GiB,
-          "flops_scan_once": cost.get("flops"),
-          "step_seconds_scan_once": cost.get("optimal_seconds"),
-          "wall_seconds": seconds,
-          "versions": dict(zip(("jax", "libtpu", "maxtext"), versions))}
+  result = {"temp_gib": temp / GiB, "argument_gib": argument / GiB,
+            "total_gib": (argument + output - alias + temp) / GiB,
+            "flops_scan_once": cost.get("flops"),
+            "step_seconds_scan_once": cost.get("optimal_seconds"),
+            "wall_seconds": seconds,
+            "versions": dict(zip(("jax", "libtpu", "maxtext"), versions))}
+  if estimate:
+    result.update(maxtext_estimate(shape, python, workdir))
+    result["wall_seconds"] = time.perf_counter() - start
+  return result
 
 
 def main():
@@ -151,6 +200,12 @@ def main():
                       help="python of a virtualenv with maxtext[tpu]")
   parser.add_argument("--shapes", default="7b_4x2048,7b_1x8192,1b_16x2048")
   parser.add_argument("--out", default="", help="also write the JSON here")
+  parser.add_argument("--alignax_python", default=sys.executable,
+                      help="python that runs alignax's compiles (default: "
+                      "this one; MaxText's gives both stacks one compiler)")
+  parser.add_argument("--estimate", action="store_true",
+                      help="add step estimates with every layer counted "
+                      "(1- and 2-layer unrolled compiles on both sides)")
   args = parser.parse_args()
   results = []
   workdir = tempfile.mkdtemp(prefix="aot_pods_")
@@ -158,24 +213,28 @@ def main():
     for stack in ("alignax", "maxtext"):
       load = os.getloadavg()[0]
       if stack == "alignax":
-        r = alignax_side(shape)
+        r = alignax_side(shape, args.estimate, args.alignax_python)
       else:
-        r = maxtext_side(shape, args.maxtext_python, workdir)
+        r = maxtext_side(shape, args.maxtext_python, workdir, args.estimate)
       r.update(stack=stack, shape=shape, topology=SHAPES[shape][0],
                load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
       results.append(r)
       print(json.dumps(r), flush=True)
   print("\n| shape | stack | per-chip temp GiB | total GiB | HLO TFLOP/chip "
-        "(scan once) | compiler s (scan once) | load |")
-  print("|---|---|---|---|---|---|---|")
+        "(scan once) | compiler s (scan once) | HLO TFLOP/chip (all layers) "
+        "| compiler step s (all layers) | load |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  nan = float("nan")
   for r in results:
     if "error" in r:
-      print(f"| {r['shape']} | {r['stack']} | error: {r['error']} | | | | |")
+      print(f"| {r['shape']} | {r['stack']} | error: {r['error']} | | | | | | |")
       continue
     tflops = (r["flops_scan_once"] or 0) / 1e12
+    unrolled = (r.get("flops_unrolled") or nan) / 1e12
     print(f"| {r['shape']} {r['topology']} | {r['stack']} | "
           f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} | {tflops:.1f} | "
-          f"{r['step_seconds_scan_once'] or float('nan'):.3f} | "
+          f"{r['step_seconds_scan_once'] or nan:.3f} | {unrolled:.1f} | "
+          f"{r.get('step_seconds_estimate') or nan:.3f} | "
           f"{r['load_before']}-{r['load_after']} |")
   if args.out:
     with open(args.out, "w") as f:

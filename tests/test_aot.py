@@ -137,6 +137,38 @@ def test_hlo_gathers_weights_per_layer_never_global_activations(
         assert not re.search(rf"\[{rows},512\b", shape), (topology, op, shape)
 
 
+def _all_reduces_by_computation(hlo):
+  """``{computation name: [result shape of each all-reduce in it]}``."""
+  out, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+    if head and line.rstrip().endswith("{"):
+      name = head.group(1)
+    found = re.search(r" = (\S+) all-reduce(?:-start)?\(", line)
+    if found and name:
+      out.setdefault(name, []).append(found.group(1))
+  return out
+
+
+@needs_libtpu
+def test_hlo_never_all_reduces_a_whole_layer_gradient(pod_and_slice):
+  """Layer gradients leave the step reduce-scattered, never all-reduced
+  whole onto every chip. libtpu lowers the reduce-scatter as an
+  ``all-reduce-scatter`` computation (an all-reduce whose only use is this
+  chip's dynamic slice, one collective: the 1B's and MaxText's compiled
+  steps) or as a ring of collective-permutes (this small model). The only
+  whole-array all-reduce allowed is the token embedding's [V, D] gradient
+  from the lookup's scatter-add, which libtpu all-reduces whole at this
+  size (the 1B's [32000, 2048] goes through an all-reduce-scatter)."""
+  by_comp = _all_reduces_by_computation(pod_and_slice["v5p-16"].as_text())
+  whole = [(name, shape) for name, shapes in by_comp.items()
+           if not name.startswith("all-reduce-scatter") for shape in shapes
+           if re.search(r"\[([0-9,]*)\]", shape).group(1).count(",") >= 1]
+  # vocab 512 x d_model 256; every layer kernel has d_ff 768 or a head axis.
+  assert all(re.match(r"bf16\[512,256\]", s) for _, s in whole), whole
+  assert len(whole) <= 1, whole
+
+
 def test_rollout_objectives_compile_for_a_rollout_batch():
   """GRPO/RLOO/DisCO steps compile for the rollout batch of
   alignax.objectives.grpo (old and reference log-probs when needed)."""

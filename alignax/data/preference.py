@@ -40,6 +40,15 @@ the example still does not fit one row, responses are cut further to a
 common length, and if one token each does not fit, the prompt is cut more
 (keep end). Every example then fits one row: packing never splits a group.
 
+``max_length`` (TRL's ``DPOConfig.max_length``, ``truncation_mode=
+'keep_start'``) replaces both caps: each prompt + response sequence keeps its
+first ``max_length`` tokens, exactly the sequences TRL trains on. A prompt
+that alone fills ``max_length`` keeps its end (``max_length - 1`` tokens)
+where TRL drops the example. The config check asks for ``train.seq_len >=
+K (max_length - 1)``, so such a group always fits one row uncut: TRL's
+``max_length=256`` is ``seq_len=510`` here, a row that holds what TRL's two
+256-token sequences hold (the prompt once with ``shared_prompt``).
+
 Batches are built by :mod:`alignax.data.preference_packing`.
 """
 
@@ -329,6 +338,7 @@ class TokenizeExample(grain.transforms.Map):
     self._k = list_size(pref_cfg)
     self._max_prompt = int(pref_cfg.max_prompt_len)
     self._max_response = int(pref_cfg.max_response_len)
+    self._max_length = int(pref_cfg.get("max_length", 0))
     self._num_rewards = len(pref_cfg.reward_fields)
     self._shared = bool(pref_cfg.shared_prompt)
     self._seq_len = seq_len
@@ -337,9 +347,17 @@ class TokenizeExample(grain.transforms.Map):
   def map(self, element):
     k = self._k
     prompt = [self._tok.bos_id] + self._tok.encode(element["prompt"])
-    if len(prompt) > self._max_prompt:
-      prompt = prompt[:1] + prompt[len(prompt) - self._max_prompt + 1:]
-    responses = [(self._tok.encode(r) + [self._tok.eos_id])[:self._max_response]
+    if self._max_length:
+      # TRL's max_length: prompt + response cut to max_length, keeping the
+      # start. A prompt that alone fills it (TRL drops such examples) keeps
+      # its end instead, leaving one response token.
+      max_prompt, cap = self._max_length - 1, None
+    else:
+      max_prompt, cap = self._max_prompt, self._max_response
+    if len(prompt) > max_prompt:
+      prompt = prompt[:1] + prompt[len(prompt) - max_prompt + 1:]
+    cap = cap or self._max_length - len(prompt)
+    responses = [(self._tok.encode(r) + [self._tok.eos_id])[:cap]
                  for r in element["responses"][:k]]
     prompt, responses = fit_group(prompt, responses, seq_len=self._seq_len,
                                   shared_prompt=self._shared)

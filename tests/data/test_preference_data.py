@@ -127,6 +127,56 @@ def test_truncation_keeps_prompt_end_and_response_start(tok):
   assert p == [0, 7, 8, 9] and [len(r) for r in rs] == [1, 1, 1]
 
 
+def test_trl_max_length_keeps_trls_sequences_and_fits_one_row(tok):
+  """data.preference.max_length = TRL's max_length (keep_start): each
+  prompt + response is the first max_length tokens of TRL's sequence, and
+  the seq_len the config check asks for holds the pair uncut."""
+  c = defaults.base_config()
+  c.data.task, c.data.preference.max_length = "preference", 24
+  prompt, long, short = "fox " * 2, "foo(bar) " * 20, "x"
+  ids_p = [tok.bos_id] + tok.encode(prompt)
+  assert 1 < len(ids_p) < 23 and len(tok.encode(long)) > 30
+  mapped = preference.TokenizeExample(
+      tok, c.data.preference, seq_len=2 * (24 - 1)).map(
+          {"index": 0, "prompt": prompt, "responses": [long, short],
+           "labels": [1.0, 0.0], "rewards": [[], []]})
+  # TRL's collator: (prompt_ids + completion_ids)[:max_length].
+  trl = lambda r: (ids_p + tok.encode(r) + [tok.eos_id])[:24]
+  assert mapped["prompt"] + mapped["responses"][0] == trl(long)
+  assert mapped["prompt"] + mapped["responses"][1] == trl(short)
+  assert len(mapped["prompt"]) + len(mapped["responses"][0]) == 24
+  # max_prompt_len / max_response_len (5 and 3 here) no longer apply.
+  c.data.preference.update(max_prompt_len=5, max_response_len=3)
+  again = preference.TokenizeExample(tok, c.data.preference, seq_len=46).map(
+      {"index": 0, "prompt": prompt, "responses": [long, short],
+       "labels": [1.0, 0.0], "rewards": [[], []]})
+  assert again["responses"] == mapped["responses"]
+  # A prompt that alone fills max_length keeps its end and one response token.
+  huge = preference.TokenizeExample(tok, c.data.preference, seq_len=46).map(
+      {"index": 0, "prompt": "fox " * 40, "responses": [long, short],
+       "labels": [1.0, 0.0], "rewards": [[], []]})
+  assert len(huge["prompt"]) == 23 and huge["prompt"][0] == tok.bos_id
+  assert [len(r) for r in huge["responses"]] == [1, 1]
+  # The row check: K (max_length - 1) positions, a pair of TRL's 256 -> 510.
+  c.data.preference.max_length = 256
+  c.model.max_seq_len = c.train.seq_len = 509
+  with pytest.raises(ValueError, match=r"seq_len=509 cannot hold 2 responses"
+                     r".*max_length=256.*seq_len >= 510"):
+    defaults.check_values(c)
+  c.model.max_seq_len = c.train.seq_len = 510
+  defaults.check_values(c)
+  c.data.preference.update(format="lists", list_size=4)
+  with pytest.raises(ValueError, match=r"seq_len >= 1020"):
+    defaults.check_values(c)
+  # Worst case: a 1-token prompt, every response max_length - 1 tokens.
+  p, rs = preference.fit_group([1], [list(range(255))] * 2, seq_len=510,
+                               shared_prompt=True)
+  assert (len(p), [len(r) for r in rs]) == (1, [255, 255])
+  p, rs = preference.fit_group([1], [list(range(255))] * 2, seq_len=510,
+                               shared_prompt=False)
+  assert [len(r) for r in rs] == [255, 255]
+
+
 def _groups(batch, k):
   """Rebuilds each valid response's full (prompt + response) token list."""
   out = {}
