@@ -37,7 +37,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
@@ -138,15 +137,7 @@ def topology_mesh(mesh_cfg: Mapping[str, int], topology: str,
     kwargs["num_slices"] = slices
   devices = topologies.get_topology_desc(
       platform="tpu", topology_name=libtpu_name, **kwargs).devices
-  ici = shd.mesh_shape(mesh_cfg, chips)
-  if slices > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(
-        ici, (slices, 1, 1), devices, allow_split_physical_axes=True)
-  else:
-    grid = mesh_utils.create_device_mesh(ici, devices,
-                                         allow_split_physical_axes=True)
-  auto = (jax.sharding.AxisType.Auto,) * len(shd.MESH_AXES)
-  return Mesh(grid, shd.MESH_AXES, axis_types=auto)
+  return shd.make_mesh(mesh_cfg, devices)  # slices: hybrid, data over DCN
 
 
 def host_batch(config, rows: int) -> dict[str, np.ndarray]:

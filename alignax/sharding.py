@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -98,15 +99,42 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]
   return tuple(sizes)
 
 
+def num_slices(devices) -> int:
+  """How many TPU slices (joined over the data-centre network) ``devices``
+  span: 1 on CPU, GPU and single-slice TPU."""
+  return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
 def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
-  """Builds the ``(data, fsdp, tensor)`` mesh over ``devices`` (default all)."""
+  """Builds the ``(data, fsdp, tensor)`` mesh over ``devices`` (default all).
+
+  On a multi-slice TPU run ``mesh_cfg`` lays out one slice (its ICI) and
+  the slices multiply ``data`` over the data-centre network (DCN), as
+  MaxText's ``dcn_data_parallelism``: fsdp's per-layer gathers and
+  reduce-scatters stay inside a slice, and only the data-parallel gradient
+  reduction crosses DCN.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: XLA's sharding propagation (GSPMD) places intermediates; the
   # explicit-sharding mode would demand out_sharding on every gather.
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = num_slices(devices)
+  if slices > 1:
+    if len(devices) % slices:
+      raise ValueError(f"{len(devices)} devices do not split evenly over "
+                       f"{slices} slices")
+    ici = mesh_shape(mesh_cfg, len(devices) // slices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, (slices,) + (1,) * (len(MESH_AXES) - 1), devices,
+        allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+  shape = mesh_shape(mesh_cfg, len(devices))
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if devices[0].platform == "tpu":  # e.g. an abstract topology's chips
+    grid = mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
