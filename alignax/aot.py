@@ -375,10 +375,17 @@ def compile_for(config, topology: str, *, slices: int = 1,
     report["compile_seconds"]["eval"] = round(eval_seconds, 2)
   if layer_cost_estimate:
     cost = layer_cost(config, model_cfg, mesh, cost)
-    report.update(hlo_flops_per_chip=cost["flops"],
-                  estimated_step_seconds=cost["seconds"])
-    report["mfu"] = report["model_flops_per_step"] / (
-        cost["seconds"] * report["chips"] * chip.peak_flops)
+    report["hlo_flops_per_chip"] = cost["flops"]
+    if math.isfinite(cost["seconds"]) and cost["seconds"] > 0:
+      report["estimated_step_seconds"] = cost["seconds"]
+      report["mfu"] = report["model_flops_per_step"] / (
+          cost["seconds"] * report["chips"] * chip.peak_flops)
+    else:
+      # libtpu's cost model returns negative times for multi-slice steps
+      # (seen with 2 x v5p-32): no estimate is better than a wrong one.
+      report["step_estimate_error"] = (
+          f"the compiler's time estimate is {cost['seconds']:.3g} s; "
+          "no step estimate")
   return report
 
 
@@ -399,6 +406,8 @@ def summary(report: dict) -> str:
   if "estimated_step_seconds" in report:
     line += (f"; step ~{report['estimated_step_seconds']:.3f} s (compiler "
              f"estimate), MFU ~{100 * report['mfu']:.0f}%")
+  elif "step_estimate_error" in report:
+    line += f"; {report['step_estimate_error']}"
   return line + f"; compiled in {report['compile_seconds']['train']:.0f} s"
 
 

@@ -1,5 +1,28 @@
 """UL2 pretraining of a ~1B decoder-only model on a TPU v5p-32 slice.
 
+Variants: ``configs/ul2_pod.py`` (v5p-32, below), ``:v5p-8`` (one host of
+4 chips, batch 64: the same 16 rows per chip) and ``:2slice`` (two v5p-32
+slices over the data-centre network, batch 512: ``mesh.*`` lays out one
+slice and the slices multiply ``data``, as MaxText's
+``dcn_data_parallelism``; only the data-parallel gradient reduction crosses
+DCN). Per-chip memory of the train step and the compiler's step estimate,
+from ``--compile_for``'s compile on a CPU host (jax 0.10.2 + libtpu
+0.0.42.1, 2026-12-03; see ``benchmarks/RESULTS.md``):
+
+* v5p-32 (16 chips, ``data=1 fsdp=16``): 8.26 of 95 GiB per chip
+  (arguments 0.69, temp 7.53); compiler step estimate 0.592 s (77% MFU,
+  XLA's idealised figure: an upper bound, not a timing); 80 s to compile.
+* ``:v5p-8`` (4 chips, ``fsdp=4``): 11.42 GiB (arguments 2.75, temp 8.63);
+  step estimate 0.598 s; 96 s to compile.
+* ``:2slice`` (2 x 16 chips, ``data=2 fsdp=16``): 9.08 GiB (arguments 0.69,
+  temp 8.30); no step estimate: libtpu's cost model returns a negative time
+  for the multi-slice step (the report says so); 121 s to compile.
+
+Compile a variant on any host with the ``[tpu]`` extra::
+
+  python launch/tpu_train.py --config=configs/ul2_pod.py:2slice \\
+      --workdir=/tmp/aot_2slice --compile_for=v5p-32 --compile_slices=2
+
 Run the same command on every host of the slice (``jax.distributed`` starts
 automatically on a pod)::
 
@@ -49,8 +72,13 @@ from alignax import defaults
 from alignax.data import ul2
 
 
+VARIANTS = ("v5p-32", "v5p-8", "2slice")
+
+
 def get_config(arg=None):
-  del arg  # no variants
+  variant = arg or "v5p-32"
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/ul2_pod.py:{arg}: use one of {VARIANTS}")
   c = defaults.base_config()
   c.objective = "ul2"  # token cross-entropy + per-denoiser metrics
   c.data.task = "ul2"  # documents -> UL2 examples -> packed rows
@@ -100,4 +128,12 @@ def get_config(arg=None):
   c.tokenizer.path = "/tmp/t5_spm.model"  # local copy (see the docstring)
   c.tokenizer.num_sentinels = ul2.num_sentinels_needed(
       ul2.UL2_DENOISERS, c.train.seq_len + 1)  # 256 at 2048 tokens
+  if variant == "v5p-8":  # one host, 4 chips: 16 rows per chip as above
+    c.train.batch_size = 64  # 131,072 tokens per step
+    c.train.steps = 152_000  # the same 19.9B tokens
+    c.data.num_threads = 4  # one host reads for all 4 chips
+  elif variant == "2slice":  # two v5p-32 slices joined over DCN
+    # mesh.* lays out one slice; the slices multiply data (sharding.make_mesh).
+    c.train.batch_size = 512  # 16 rows per chip on 32 chips
+    c.train.steps = 19_000  # the same 19.9B tokens
   return c

@@ -169,6 +169,23 @@ def test_hlo_never_all_reduces_a_whole_layer_gradient(pod_and_slice):
   assert len(whole) <= 1, whole
 
 
+def test_summary_says_when_there_is_no_step_estimate():
+  """libtpu's cost model gave -1.39 s for a 2 x v5p-32 step: the report
+  keeps no estimate or MFU and the line says why."""
+  report = {"topology": "v5p-32", "slices": 2, "chips": 32,
+            "mesh": {"data": 2, "fsdp": 16, "tensor": 1},
+            "global_batch": 512, "seq_len": 2048, "rows_per_chip": 16.0,
+            "hbm_bytes": 95 * 2**30, "fits": True,
+            "per_chip_bytes": {"total": 9 * 2**30, "argument": 2**30,
+                               "temp": 8 * 2**30},
+            "compile_seconds": {"train": 121.0},
+            "step_estimate_error": "the compiler's time estimate is -1.39 s;"
+                                   " no step estimate"}
+  line = aot.summary(report)
+  assert "v5p-32 x2 (32 chips" in line and "MFU" not in line
+  assert "no step estimate" in line and line.endswith("compiled in 121 s")
+
+
 def test_rollout_objectives_compile_for_a_rollout_batch():
   """GRPO/RLOO/DisCO steps compile for the rollout batch of
   alignax.objectives.grpo (old and reference log-probs when needed)."""

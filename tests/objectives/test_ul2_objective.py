@@ -448,3 +448,12 @@ def test_recipe_configs_validate_and_pod_arithmetic_holds():
   step_s = tokens * flops / (0.4 * 16 * 459e12)
   assert f"= {step_s:.2f} s per step" in doc
   assert pod.tokenizer.num_sentinels == 256
+  # The variants keep 16 rows per chip and the 19.9B tokens.
+  for variant, chips in (("v5p-8", 4), ("2slice", 32)):
+    v = pod_module.get_config(variant)
+    defaults.validate(v, num_devices=chips, batch_ways=chips)
+    assert v.train.batch_size == 16 * chips
+    assert v.train.steps * v.train.batch_size == pod.train.steps * 256
+    assert f"``:{variant}``" in doc
+  with pytest.raises(ValueError, match="ul2_pod.py:v4-8: use one of"):
+    pod_module.get_config("v4-8")
