@@ -348,8 +348,10 @@ def run(config, workdir: str, task=None, *, scorer=None,
         evaluate_fn=None) -> list[dict[str, float]]:
   """Runs (or resumes) ``config.onpolicy.rounds`` rounds; per-round metrics.
 
-  The first entry (round -1) evaluates the starting policy; each later one
-  holds the round's last train/eval metrics and its held-out evaluation.
+  The first entry (round -1) evaluates the starting policy (kept in
+  ``workdir/initial_onpolicy_metrics.json``, read back on resume); each
+  later one holds the round's last train/eval metrics and its held-out
+  evaluation (``round_<r>/onpolicy_metrics.json``).
 
   Args:
     config: the run's config (``onpolicy``, ``data.preference``, ...).
@@ -387,7 +389,19 @@ def run(config, workdir: str, task=None, *, scorer=None,
                     task, **eval_kw)
 
   policy = config.checkpoint.init_from or None
-  history = [dict(held_out(sampler.params(policy)), round=-1)]
+  # Round -1, the starting policy's held-out evaluation: written once and
+  # read back on resume (it is the baseline every round is judged by).
+  initial_path = os.path.join(workdir, "initial_" + METRICS_FILE)
+  if os.path.exists(initial_path):
+    with open(initial_path) as f:
+      history = [json.load(f)]
+  else:
+    history = [dict(held_out(sampler.params(policy)), round=-1)]
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(initial_path + ".tmp", "w") as f:
+        json.dump(history[0], f, indent=2)
+      os.replace(initial_path + ".tmp", initial_path)
   for r in range(op.rounds):
     round_dir = os.path.join(workdir, f"round_{r}")
     if _finished(round_dir, config.train.steps):

@@ -79,10 +79,17 @@ def test_rounds_sample_score_train_and_resume(tmp_path):
       for text, score in zip(rec["responses"], rec["scores"]):
         assert score == preference_task.similarity(prompt.target,
                                                    text.removesuffix("("))
-  # Resuming a finished run trains nothing and returns the same metrics.
+  # Round -1 (the starting policy) is on disk beside the rounds' metrics.
+  initial = os.path.join(workdir, "initial_" + onpolicy.METRICS_FILE)
+  with open(initial) as f:
+    assert json.load(f) == history[0]
+  # Resuming a finished run trains nothing and returns the same metrics
+  # (round -1 read back, not decoded again).
   mtime = os.path.getmtime(os.path.join(workdir, "round_1", "samples.jsonl"))
+  initial_mtime = os.path.getmtime(initial)
   again = onpolicy.run(config, workdir)
   assert again == history
+  assert os.path.getmtime(initial) == initial_mtime
   assert os.path.getmtime(
       os.path.join(workdir, "round_1", "samples.jsonl")) == mtime
 
