@@ -130,7 +130,7 @@ def topology_mesh(mesh_cfg: Mapping[str, int], topology: str,
   slices add a data-parallel factor over the data-centre network (DCN), as
   MaxText's ``dcn_data_parallelism``, through a hybrid device mesh.
   """
-  chip, libtpu_name, chips = parse_topology(topology)
+  chip, libtpu_name, _ = parse_topology(topology)
   # v4 and v5p chips have two TensorCores: one JAX device each (megacore).
   kwargs = {"chip_config_name": "megacore"} if chip.cores_per_chip == 2 else {}
   if slices > 1:

@@ -69,6 +69,7 @@ from alignax import init_from
 from alignax import sharding as shd
 from alignax import state as state_lib
 from alignax import train
+from alignax.data import preference as preference_data
 from alignax.data import preference_task
 from alignax.data import tokenizer as tok_lib
 from alignax.interop import hf
@@ -208,15 +209,17 @@ class RewardModelScorer:
 def score_row(tokenizer, pref, prompt: str,
               response: str) -> tuple[list[int], int]:
   """``([BOS] + prompt + response ids, prompt length)``, no EOS, truncated
-  as the preference pipeline truncates (``pref``: ``config.data.preference``,
-  its ``max_prompt_len`` keeping the prompt's end and ``max_response_len``),
-  i.e. read where a reward model's training read."""
-  prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  keep = int(pref.max_prompt_len)
-  if len(prompt_ids) > keep:
-    prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
-  return (prompt_ids + tokenizer.encode(response)[
-      :int(pref.max_response_len) - 1], len(prompt_ids))
+  as the preference pipeline truncates (:func:`alignax.data.preference.
+  truncate_prompt` with ``pref`` = ``config.data.preference``), i.e. read
+  where a reward model's training read."""
+  prompt_ids, cap = preference_data.truncate_prompt(
+      [tokenizer.bos_id] + tokenizer.encode(prompt), pref)
+  # The training row's response: EOS appended, then cut to cap; a response
+  # that kept its EOS is scored without it.
+  response_ids = (tokenizer.encode(response) + [tokenizer.eos_id])[:cap]
+  if response_ids[-1:] == [tokenizer.eos_id]:
+    response_ids = response_ids[:-1]
+  return prompt_ids + response_ids, len(prompt_ids)
 
 
 def score_batches(rows, batch_size: int, multiple: int):

@@ -56,13 +56,14 @@ def pairs(seed=0):
 
 
 def model_flops_per_step(tokens_trained: int, forwards: float) -> float:
-  """6 N per trained token (+ attention, PaLM appendix B, context = the
-  sequence length), times ``forwards`` / 3 more for a reference forward."""
-  m = MODEL
-  n = m["n_layers"] * (m["d_model"] * m["head_dim"] * (2 * m["n_heads"] + 2 * m["n_kv_heads"])
-                       + 3 * m["d_model"] * m["d_ff"]) + m["d_model"] * m["vocab_size"]
-  attention = 12 * m["n_layers"] * m["n_heads"] * m["head_dim"] * (PROMPT + RESPONSE)
-  return (6 * n + attention) * tokens_trained * forwards
+  """``ModelConfig.flops_per_token`` (6 N + attention over the sequence,
+  PaLM appendix B) per trained token, times ``forwards`` / 3 more for a
+  reference forward."""
+  sys.path.insert(0, ROOT)
+  from alignax.models import ModelConfig  # pylint: disable=import-outside-toplevel
+  seq = PROMPT + RESPONSE
+  return (ModelConfig(**MODEL, max_seq_len=seq).flops_per_token(seq)
+          * tokens_trained * forwards)
 
 
 # ------------------------------------------------------------------ workers

@@ -305,6 +305,18 @@ def record_source(data_cfg, split):
                       chat=chat.build_chat(pref.get("chat_template", "")))
 
 
+def truncate_prompt(prompt, pref_cfg) -> tuple[list[int], int]:
+  """``([BOS] + prompt ids, response cap)`` cut as the module docstring says:
+  the prompt keeps its end, each response (EOS included) keeps its first
+  ``cap`` tokens; with ``max_length`` (TRL's), prompt + response <= it."""
+  max_length = int(pref_cfg.get("max_length", 0))
+  keep = max_length - 1 if max_length else int(pref_cfg.max_prompt_len)
+  if len(prompt) > keep:
+    prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]
+  cap = max_length - len(prompt) if max_length else int(pref_cfg.max_response_len)
+  return prompt, cap
+
+
 def fit_group(prompt, responses, *, seq_len, shared_prompt):
   """Cuts responses (keep start), then the prompt (keep end), to fit a row."""
   k = len(responses)
@@ -336,9 +348,7 @@ class TokenizeExample(grain.transforms.Map):
   def __init__(self, tokenizer, pref_cfg, *, seq_len, reference=None):
     self._tok = tokenizer
     self._k = list_size(pref_cfg)
-    self._max_prompt = int(pref_cfg.max_prompt_len)
-    self._max_response = int(pref_cfg.max_response_len)
-    self._max_length = int(pref_cfg.get("max_length", 0))
+    self._pref = pref_cfg
     self._num_rewards = len(pref_cfg.reward_fields)
     self._shared = bool(pref_cfg.shared_prompt)
     self._seq_len = seq_len
@@ -346,17 +356,8 @@ class TokenizeExample(grain.transforms.Map):
 
   def map(self, element):
     k = self._k
-    prompt = [self._tok.bos_id] + self._tok.encode(element["prompt"])
-    if self._max_length:
-      # TRL's max_length: prompt + response cut to max_length, keeping the
-      # start. A prompt that alone fills it (TRL drops such examples) keeps
-      # its end instead, leaving one response token.
-      max_prompt, cap = self._max_length - 1, None
-    else:
-      max_prompt, cap = self._max_prompt, self._max_response
-    if len(prompt) > max_prompt:
-      prompt = prompt[:1] + prompt[len(prompt) - max_prompt + 1:]
-    cap = cap or self._max_length - len(prompt)
+    prompt, cap = truncate_prompt(
+        [self._tok.bos_id] + self._tok.encode(element["prompt"]), self._pref)
     responses = [(self._tok.encode(r) + [self._tok.eos_id])[:cap]
                  for r in element["responses"][:k]]
     prompt, responses = fit_group(prompt, responses, seq_len=self._seq_len,

@@ -145,6 +145,12 @@ def test_trl_max_length_keeps_trls_sequences_and_fits_one_row(tok):
   assert mapped["prompt"] + mapped["responses"][0] == trl(long)
   assert mapped["prompt"] + mapped["responses"][1] == trl(short)
   assert len(mapped["prompt"]) + len(mapped["responses"][0]) == 24
+  # A reward model scores the rows it was trained on (no EOS appended).
+  from alignax import onpolicy  # pylint: disable=import-outside-toplevel
+  ids, prompt_len = onpolicy.score_row(tok, c.data.preference, prompt, long)
+  assert ids == trl(long) and prompt_len == len(ids_p)  # cut: no EOS left
+  ids, _ = onpolicy.score_row(tok, c.data.preference, prompt, short)
+  assert ids == trl(short)[:-1] and trl(short)[-1] == tok.eos_id
   # max_prompt_len / max_response_len (5 and 3 here) no longer apply.
   c.data.preference.update(max_prompt_len=5, max_response_len=3)
   again = preference.TokenizeExample(tok, c.data.preference, seq_len=46).map(
