@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False  # share the input embedding with the LM head
   c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
   c.model.param_dtype = "float32"  # parameter dtype (keep fp32)
-  c.model.remat = "none"  # none | full | dots_saveable | nothing_saveable
+  c.model.remat = "none"  # a key of models.REMAT_POLICIES, or "save:<names>"
   c.model.attention = "auto"  # auto (splash on TPU, cuDNN on GPU where they fit, else blockwise) | blockwise | splash | cudnn | reference (=einsum) | fused
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # jax.nn.dot_product_attention implementation for fused and decode: None | xla | cudnn
   # Family fields (see models.ModelConfig); an imported Hugging Face model

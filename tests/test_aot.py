@@ -202,3 +202,20 @@ def test_rollout_objectives_compile_for_a_rollout_batch():
   assert "ref_logps" not in aot.host_batch(c, 8)
   c.objective = "disco"
   assert "ref_logps" not in aot.host_batch(c, 8)
+
+
+@needs_libtpu
+def test_offloaded_remat_keeps_qkv_in_host_memory():
+  # MaxText's 'qkv_proj_offloaded': q, k and v leave HBM for pinned host
+  # memory between the forward and backward passes instead of staying on
+  # the chip ('save_qkv_proj') or being recomputed ('full').
+  memory = {}
+  for remat in ("save_qkv_proj", "qkv_proj_offloaded"):
+    c = _small_config(4, 4)
+    c.model.remat = remat
+    memory[remat] = _compile(c, "v5p-8").memory_analysis()
+  saved, offloaded = memory["save_qkv_proj"], memory["qkv_proj_offloaded"]
+  assert saved.host_temp_size_in_bytes == 0
+  # Per chip, 2 layers x 4 rows x 512 x (4 + 2 + 2) heads x 64 x bf16.
+  qkv_bytes = 2 * 4 * 512 * 8 * 64 * 2
+  assert offloaded.host_temp_size_in_bytes >= qkv_bytes

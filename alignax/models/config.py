@@ -4,15 +4,66 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# Activations of a block that carry a ``jax.ad_checkpoint.checkpoint_name``
+# (MaxText's names): the q/k/v projections (before RoPE), the attention
+# output before its projection (``context``), that projection
+# (``out_proj``), the MLP's gate and up projections (``mlpwi_0``,
+# ``mlpwi_1``) and its down projection (``mlpwo``).
+CHECKPOINT_NAMES = ('query_proj', 'key_proj', 'value_proj', 'context',
+                    'out_proj', 'mlpwi_0', 'mlpwi_1', 'mlpwo')
+_QKV = ('query_proj', 'key_proj', 'value_proj')
+_save = jax.checkpoint_policies.save_only_these_names
 # Names accepted by ``ModelConfig.remat``: the ``jax.checkpoint`` policy of
 # each block. 'none' means no rematerialisation; 'full' (MaxText's name) saves
-# nothing and recomputes the whole block in the backward pass.
+# nothing and recomputes the whole block in the backward pass. The named
+# policies are MaxText's ``remat_policy`` values and save the named
+# activations of ``CHECKPOINT_NAMES`` (everything else is recomputed);
+# 'minimal' saves every matmul with the weights (no batch dimension), and
+# ``'save:<name>,<name>,...'`` saves the listed names.
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'minimal_with_context': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        _save('context')),
+    'save_dot_with_context_except_mlp': _save(*_QKV, 'context', 'out_proj'),
+    'save_dot_except_mlpwi': _save(*_QKV, 'out_proj', 'mlpwo'),
+    'save_dot_except_mlp': _save(*_QKV, 'out_proj'),
+    'save_qkv_proj': _save(*_QKV),
+    'save_out_proj': _save('out_proj'),
+    'qkv_proj_offloaded': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_QKV),
+        offload_src='device', offload_dst='pinned_host'),
 }
+CUSTOM_REMAT_PREFIX = 'save:'
+
+
+def remat_policy(name: str):
+  """The ``jax.checkpoint`` policy of ``ModelConfig.remat`` (None: no remat).
+
+  ``'save:query_proj,out_proj'`` saves exactly the listed names of
+  ``CHECKPOINT_NAMES``.
+  """
+  if name.startswith(CUSTOM_REMAT_PREFIX):
+    names = [n.strip() for n in name[len(CUSTOM_REMAT_PREFIX):].split(',')
+             if n.strip()]
+    bad = [n for n in names if n not in CHECKPOINT_NAMES]
+    if not names or bad:
+      raise ValueError(
+          f'ModelConfig.remat={name!r}: list one or more of '
+          f'{list(CHECKPOINT_NAMES)} after {CUSTOM_REMAT_PREFIX!r}'
+          + (f' (unknown: {bad})' if bad else '') + '.')
+    return _save(*names)
+  if name not in REMAT_POLICIES:
+    raise ValueError(
+        f'ModelConfig.remat={name!r} is not one of {list(REMAT_POLICIES)} '
+        f'or {CUSTOM_REMAT_PREFIX!r} + names of {list(CHECKPOINT_NAMES)}.')
+  return REMAT_POLICIES[name]
+
+
 # ``ModelConfig.attention``: see alignax.models.attention. 'einsum' is the old
 # name of 'reference'; 'fused' is jax.nn.dot_product_attention on the dense
 # mask.
@@ -56,7 +107,8 @@ class ModelConfig:
     tie_embeddings: if True the LM head is the transposed embedding matrix.
     dtype: compute dtype name, e.g. ``'bfloat16'``.
     param_dtype: storage dtype name of the parameters.
-    remat: rematerialisation policy of each block, a key of ``REMAT_POLICIES``.
+    remat: rematerialisation policy of each block, a key of ``REMAT_POLICIES``
+      or ``'save:'`` + comma-separated names of ``CHECKPOINT_NAMES``.
     attention: one of ``ATTENTIONS``: ``'blockwise'`` (pure-JAX flash
       attention, no ``[T, T]`` array), ``'splash'`` (TPU kernel, causal +
       segment ids), ``'cudnn'`` (GPU, plain causal), ``'auto'`` (splash on
@@ -160,7 +212,10 @@ class ModelConfig:
       except TypeError as e:
         raise ValueError(
             f'ModelConfig.{name}={value!r} is not a dtype name.') from e
-    _check_choice('remat', self.remat, tuple(REMAT_POLICIES))
+    if not isinstance(self.remat, str):
+      raise ValueError(f'ModelConfig.remat must be a string, got '
+                       f'{self.remat!r}.')
+    remat_policy(self.remat)  # raises on an unknown name
     _check_choice('attention', self.attention, ATTENTIONS)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     self._check_extensions()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from alignax import sharding
 from alignax.models import attention
@@ -309,9 +310,10 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'q', self.dtype, d))
     k = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'k', self.dtype, d))
     v = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'v', self.dtype, d))
-    q = lora.add(self, 'q', q, x, self.dtype)
-    k = lora.add(self, 'k', k, x, self.dtype)
-    v = lora.add(self, 'v', v, x, self.dtype)
+    # Named for the remat policies (ModelConfig.remat, MaxText's names).
+    q = checkpoint_name(lora.add(self, 'q', q, x, self.dtype), 'query_proj')
+    k = checkpoint_name(lora.add(self, 'k', k, x, self.dtype), 'key_proj')
+    v = checkpoint_name(lora.add(self, 'v', v, x, self.dtype), 'value_proj')
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(self.dtype)
       k = k + self.k_bias[...].astype(self.dtype)
@@ -341,9 +343,10 @@ class Attention(nnx.Module):
                             softcap=self.cfg.attn_logit_softcap)
 
   def _output(self, out):
+    out = checkpoint_name(out, 'context')
     o = quant.kernel(self, 'o', self.dtype, out.shape[2:])
     y = jnp.einsum('bthk,hkd->btd', out, o)
-    return lora.add(self, 'o', y, out, self.dtype)
+    return checkpoint_name(lora.add(self, 'o', y, out, self.dtype), 'out_proj')
 
 
 _ACTIVATIONS = {
@@ -387,8 +390,11 @@ class MLP(nnx.Module):
     x = x.astype(self.dtype)
     w = lambda name, rows: quant.kernel(self, name, self.dtype, (rows,))
     d = x.shape[-1]
-    gate = lora.add(self, 'gate', x @ w('gate', d), x, self.dtype)  # [B, T, F]
-    up = lora.add(self, 'up', x @ w('up', d), x, self.dtype)
+    gate = checkpoint_name(lora.add(self, 'gate', x @ w('gate', d), x,
+                                    self.dtype), 'mlpwi_0')  # [B, T, F]
+    up = checkpoint_name(lora.add(self, 'up', x @ w('up', d), x, self.dtype),
+                         'mlpwi_1')
     hidden = _ACTIVATIONS[self.activation](gate) * up
-    return lora.add(self, 'down', hidden @ w('down', hidden.shape[-1]),
-                    hidden, self.dtype)
+    return checkpoint_name(
+        lora.add(self, 'down', hidden @ w('down', hidden.shape[-1]), hidden,
+                 self.dtype), 'mlpwo')

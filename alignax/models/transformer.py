@@ -16,7 +16,7 @@ from flax import nnx
 
 from alignax import sharding
 from alignax.models import attention, layers, lora
-from alignax.models.config import REMAT_POLICIES, ModelConfig
+from alignax.models.config import ModelConfig, remat_policy
 
 # Logical name of the stacked-layers axis that nnx.vmap / nnx.scan prepend to
 # the ``out_sharding`` names of every block parameter.
@@ -234,7 +234,7 @@ class Transformer(nnx.Module):
 
     if self.cfg.remat != 'none':
       # prevent_cse=False is safe (and faster) under scan, see jax.checkpoint.
-      body = nnx.remat(body, policy=REMAT_POLICIES[self.cfg.remat],
+      body = nnx.remat(body, policy=remat_policy(self.cfg.remat),
                        prevent_cse=False)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,

@@ -368,11 +368,55 @@ def test_remat_policies_same_loss_and_grads(model):
   # 'full' is the very policy of 'nothing_saveable', so it stands for both.
   assert (models.REMAT_POLICIES['full']
           is models.REMAT_POLICIES['nothing_saveable'])
-  for remat in ('full', 'dots_saveable'):
+  for remat in (*(p for p in models.REMAT_POLICIES
+                  if p not in ('none', 'nothing_saveable')),
+                'save:context,mlpwo'):
     loss_r, grads_r = _loss_and_grads(_model(remat=remat), tokens)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                  nnx.state(grads_r), nnx.state(grads))
+
+
+def _saved_bytes(remat, t=256):
+  """Temp bytes of the compiled loss + gradient, f32, 2 layers, [2, t]."""
+  cfg = dataclasses.replace(CFG, remat=remat, max_seq_len=t, d_model=64,
+                            d_ff=256, head_dim=16, attention='blockwise')
+  graphdef, params = nnx.split(models.Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, t + 1)))
+
+  def loss(params):
+    h = nnx.merge(graphdef, params)(tokens[:, :-1], return_hidden=True)
+    return jnp.sum(h ** 2)
+
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_named_remat_policies_save_what_they_name():
+  # Each saved [L, B, T, ...] stack costs temp memory in the compiled
+  # gradient; saving more names costs more, saving nothing the least.
+  full = _saved_bytes('full')
+  qkv = _saved_bytes('save_qkv_proj')
+  except_mlp = _saved_bytes('save_dot_except_mlp')
+  everything = _saved_bytes('none')
+  assert full < qkv < except_mlp < everything
+  # mlpwo feeds only the residual add, whose gradient does not need it, so
+  # saving it may cost nothing; never less than not saving it.
+  assert _saved_bytes('save_dot_except_mlpwi') >= except_mlp
+  # 'save:<names>' is the same policy as the named one it spells out.
+  assert _saved_bytes('save:query_proj,key_proj,value_proj') == qkv
+  # Saving q, k and v ([L, B, T, H + 2K, Dh] = 2 x 2 x 256 x 8 x 16 floats)
+  # costs at least those bytes more than saving nothing.
+  assert qkv - full >= 2 * 2 * 256 * 8 * 16 * 4
+
+
+def test_remat_names_are_checked():
+  with pytest.raises(ValueError, match="unknown: \\['mlp'\\]"):
+    _model(remat='save:query_proj,mlp')
+  with pytest.raises(ValueError, match='list one or more'):
+    _model(remat='save:')
+  with pytest.raises(ValueError, match='not one of'):
+    _model(remat='save_everything')
 
 
 def test_model_gradients_match_finite_differences_float64(model):
