@@ -182,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.sapo_temperature_neg = 1.05  # sapo: gate temperature for the others
   c.grpo.logps_chunk = 0  # sequence chunk of the fused log-prob computation (0 = whole rows)
   c.grpo.prompts_per_step = 0  # alignax.rl: prompts per rollout step; sets train.batch_size = prompts_per_step * num_generations (0 = train.batch_size // num_generations)
-  c.grpo.task = "code"  # alignax.rl: code (alignax.data.code_task, doctests in the sandbox) | docstring (alignax.onpolicy.DocstringTask, name similarity)
+  c.grpo.task = "code"  # alignax.rl: code (alignax.data.code_task, doctests in the sandbox) | function (alignax.data.function_task, one-line bodies, unit tests in the sandbox) | docstring (alignax.onpolicy.DocstringTask, name similarity)
   c.grpo.prompt_mode = ""  # alignax.rl: "" = [BOS] + prompt, causal | a UL2 mode token ("[S2S]") = [mode] + prompt read as a prefix-LM prefix
   c.grpo.reward_model = ""  # alignax.rl: reward-model workdir whose score is one more reward ("" = the task's reward only)
   c.grpo.reward_weights = ()  # alignax.rl: one weight per reward (the task's, then the reward model's); () = all 1
@@ -376,7 +376,7 @@ CHOICES = {
     "grpo.importance_sampling_level": grpo.IMPORTANCE_SAMPLING_LEVELS,
     "grpo.scale_rewards": grpo.SCALE_REWARDS,
     "grpo.disco.score": grpo.DISCO_SCORES,
-    "grpo.task": ("code", "docstring", "grace"),
+    "grpo.task": ("code", "function", "docstring", "grace"),
     "grpo.grace.pool": ("text_and_rationale", "rationale"),
     "grpo.reward_combine": ("sum", "gdpo"),
 }

@@ -77,9 +77,10 @@ from alignax import onpolicy
 from alignax import rollout as rollout_lib
 from alignax import train
 from alignax.data import code_task
+from alignax.data import function_task
 
 OBJECTIVES = ("grpo", "rloo", "disco")
-TASK_NAMES = ("code", "docstring", "grace")
+TASK_NAMES = ("code", "function", "docstring", "grace")
 
 
 def build_task(config):
@@ -88,6 +89,8 @@ def build_task(config):
   g = config.grpo
   if g.task == "code":
     return code_task.CodeTask(max_workers=g.sandbox_workers or None)
+  if g.task == "function":
+    return function_task.FunctionTask(max_workers=g.sandbox_workers or None)
   if g.task == "docstring":
     return onpolicy.DocstringTask(config.data.heldout_fraction)
   if g.task == "grace":
