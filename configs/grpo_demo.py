@@ -18,6 +18,23 @@ reward stays 0 (the docstring task at the end gives the loop a signal):
   python launch/tpu_train.py --config=configs/ul2_demo.py --workdir=/tmp/alignax_demo
   python -m alignax.rl --config=configs/grpo_demo.py --workdir=/tmp/alignax_grpo
 
+``configs/grpo_demo.py:function`` is the task on which the held-out
+reward can rise (:mod:`alignax.data.function_task`: one-line bodies named
+by their docstring, 4 unit tests each in the sandbox). The UL2 demo LM
+writes no ``return`` line there either, so it first gets a supervised
+warm-up on the task's training split (the usual SFT -> RL order; 150 LM
+steps, about 1.5 minutes), then GRPO samples causally from the KV cache:
+
+  python -m alignax.data.function_task /tmp/function_train.jsonl
+  python launch/tpu_train.py --config=configs/demo.py \
+      --workdir=/tmp/alignax_function_sft --config.data.source=jsonl \
+      --config.data.paths="('/tmp/function_train.jsonl',)" \
+      --config.checkpoint.init_from=/tmp/alignax_demo \
+      --config.train.steps=150 --config.train.eval_every=0 \
+      --config.checkpoint.save_every=50 --config.optimizer.warmup_steps=5
+  python -m alignax.rl --config=configs/grpo_demo.py:function \
+      --workdir=/tmp/alignax_grpo_function
+
 ``--config.objective=rloo`` (RLOO) or ``disco`` (DisCO) train the same
 rollouts with the other objectives; ``--config.grpo.task=docstring
 --config.grpo.max_completion_length=12`` the docstring -> function-name task
@@ -28,7 +45,9 @@ from alignax import defaults
 
 
 def get_config(arg=None):
-  del arg  # no variants
+  if arg not in (None, "", "function"):
+    raise ValueError(f"configs/grpo_demo.py has the variant 'function', "
+                     f"not {arg!r}")
   c = defaults.base_config()
   c.objective = "grpo"  # the GRPO family (grpo.loss_type)
   c.checkpoint.init_from = "/tmp/alignax_demo"  # the pretrained UL2 demo LM
@@ -52,4 +71,16 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 5  # short warmup
   c.optimizer.weight_decay = 0.0  # stay near the start
   c.checkpoint.save_every = 20  # two checkpoints over the run
+  if arg == "function":
+    c.checkpoint.init_from = "/tmp/alignax_function_sft"  # the warm-up above
+    c.grpo.task = "function"  # alignax.data.function_task: unit tests
+    c.grpo.prompt_mode = ""  # [BOS] + prompt, causal KV-cache sampling
+    c.grpo.num_generations = 8  # G samples per prompt
+    c.grpo.prompts_per_step = 8  # 64 rows per rollout step
+    c.grpo.max_completion_length = 16  # '    return <expression>' + EOS
+    c.grpo.eval_prompts = 128  # held-out problems, greedy
+    c.train.steps = 80  # rollout steps
+    c.train.log_every = 10  # steps between metrics lines
+    c.optimizer.lr = 1e-4  # 3e-4 moved a sequence's log-prob by ~2 nats per step and the held-out reward fell
+    c.checkpoint.save_every = 40  # two checkpoints over the run
   return c

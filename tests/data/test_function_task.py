@@ -94,3 +94,19 @@ def test_rl_builds_the_function_task_and_checks_the_name():
   assert isinstance(rl.build_task(c), ft.FunctionTask)
   with pytest.raises(ValueError, match="heldout_fraction"):
     ft.FunctionTask(1.0)
+
+
+def test_grpo_demo_function_variant_is_a_valid_run_config():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "grpo_demo", os.path.join(root, "configs", "grpo_demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = rl.prepare_config(module.get_config("function"), "/tmp/unused")
+  assert c.grpo.task == "function" and c.grpo.prompt_mode == ""
+  assert c.train.batch_size == 8 * 8  # prompts x G
+  assert module.get_config().grpo.task == "code"  # the default is kept
+  with pytest.raises(ValueError, match="variant 'function'"):
+    module.get_config("fn")
