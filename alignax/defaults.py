@@ -189,6 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.reward_combine = "sum"  # alignax.rl: sum (weighted sum, then the objective's advantages) | gdpo (each reward normalised in its group first; grpo only)
   c.grpo.mask_truncated_completions = False  # alignax.rl: weights 0 on completions that never reached a stop token (TRL's name)
   c.grpo.eval_prompts = 16  # alignax.rl: held-out prompts of the greedy evaluation (every train.eval_every steps)
+  c.grpo.train_prompts = 0  # alignax.rl: training prompts drawn from (the first N of the task's seeded order; 0 = all)
   c.grpo.sandbox_workers = 0  # alignax.rl, task code: concurrent sandbox runs (0 = os.cpu_count())
   c.grpo.disco = ml_collections.ConfigDict()  # objective='disco' (Li et al., 2025)
   c.grpo.disco.score = "log_l"  # log_l (mean token log-likelihood) | l_ratio (mean token pi / pi_old)
@@ -330,6 +331,7 @@ VALUE_CHECKS = {
     "grpo.logps_chunk": (_non_negative_int, "an integer >= 0"),
     "grpo.prompts_per_step": (_non_negative_int, "an integer >= 0"),
     "grpo.eval_prompts": (_non_negative_int, "an integer >= 0"),
+    "grpo.train_prompts": (_non_negative_int, "an integer >= 0"),
     "grpo.sandbox_workers": (_non_negative_int, "an integer >= 0 (0 = all cores)"),
     "grpo.reward_weights": (lambda v: all(_finite(w) for w in v),
                             "finite numbers, one per reward"),

@@ -167,6 +167,13 @@ class RLTrainer(train.Trainer):
 # --- one rollout --------------------------------------------------------------
 
 
+def training_pool(task, config) -> list:
+  """The task's training prompts in ``config.seed``'s order, the first
+  ``grpo.train_prompts`` of them (0 = all)."""
+  return task.prompts("train", config.grpo.get("train_prompts") or
+                      sys.maxsize, seed=config.seed)
+
+
 class Rollouts:
   """Samples, scores and batches rollouts of the trainer's current policy."""
 
@@ -187,7 +194,7 @@ class Rollouts:
       raise ValueError(f"config.grpo.reward_weights={tuple(weights)} needs "
                        f"one weight per reward {list(self.names)}")
     self.weights = np.asarray(weights, np.float64)
-    self.pool = task.prompts("train", sys.maxsize, seed=c.seed)
+    self.pool = training_pool(task, c)
     if not self.pool:
       raise ValueError(f"config.grpo.task={c.grpo.task!r} has no training "
                        "prompts")

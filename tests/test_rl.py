@@ -175,6 +175,18 @@ def test_loop_trains_only_adapters_and_resumes_as_a_straight_run(tmp_path):
   assert _lines(b)[-1]["train/loss"] == _lines(a)[-1]["train/loss"]
 
 
+def test_train_prompts_limits_the_pool_to_a_seeded_prefix():
+  c = defaults.base_config()
+  every = rl.training_pool(LengthTask(), c)
+  assert len(every) == 6
+  c.grpo.train_prompts = 4
+  some = rl.training_pool(LengthTask(), c)
+  assert [p.text for p in some] == [p.text for p in every[:4]]
+  c.grpo.train_prompts = -1
+  with pytest.raises(ValueError, match="grpo.train_prompts"):
+    defaults.check_values(c)
+
+
 def test_user_errors_name_the_field(tmp_path):
   c = _config(str(tmp_path / "tok"), 3)
   with pytest.raises(ValueError, match="multiple of config.grpo.num_iter"):
