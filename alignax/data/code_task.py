@@ -326,6 +326,15 @@ def all_problems() -> tuple[CodeProblem, ...]:
   return tuple(check(found))
 
 
+def wants_heldout(split: str) -> bool:
+  """True for ``'heldout'`` (or ``'eval'``), False for ``'train'``."""
+  split = "heldout" if split == "eval" else split
+  if split not in SPLITS:
+    raise ValueError(f"split must be 'train', 'heldout' or 'eval', got "
+                     f"{split!r}.")
+  return split == "heldout"
+
+
 class CodeTask:
   """Complete a stdlib function body; rewarded by its doctests.
 
@@ -363,11 +372,7 @@ class CodeTask:
 
   def problems(self, split: str) -> list[CodeProblem]:
     """The problems of ``'train'`` or ``'heldout'`` (``'eval'``)."""
-    split = "heldout" if split == "eval" else split
-    if split not in SPLITS:
-      raise ValueError(f"split must be 'train', 'heldout' or 'eval', got "
-                       f"{split!r}.")
-    want = split == "heldout"
+    want = wants_heldout(split)
     return [p for p in all_problems() if self.is_heldout(p) == want]
 
   def prompts(self, split: str, n: int, *, seed: int) -> list[Prompt]:

@@ -207,11 +207,7 @@ class FunctionTask:
 
   def problems(self, split: str) -> list[FunctionProblem]:
     """The problems of ``'train'`` or ``'heldout'`` (``'eval'``)."""
-    split = "heldout" if split == "eval" else split
-    if split not in SPLITS:
-      raise ValueError(f"split must be 'train', 'heldout' or 'eval', got "
-                       f"{split!r}.")
-    want = split == "heldout"
+    want = code_task.wants_heldout(split)
     return [p for p in all_problems()
             if is_heldout(p, self._fraction) == want]
 
