@@ -197,6 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.disco.beta = 500.0  # squared-hinge weight beta [KL(pi_old||pi) - delta]_+^2 (the authors' 1e3 in their beta/2 form)
   c.grpo.disco.delta = 1e-4  # KL(pi_old || pi) budget
   c.grpo.grace = ml_collections.ConfigDict()  # grpo.task='grace' (alignax.grace, Sun et al., 2025): rationales scored by contrastive similarity of their embeddings
+  c.grpo.grace.reward = "grace"  # grace (the authors' terms) | infonce (each sample's log-softmax over the side's partner anchors: alignax.rewards.grace.infonce_rewards)
   c.grpo.grace.temperature = 0.1  # tau: the similarity terms are divided by it (the authors' train.sh)
   c.grpo.grace.clustering_weight = 0.2  # w_c: mean similarity of a sample to the other samples of its group
   c.grpo.grace.cross_group_weight = 0.2  # w_x: minus the mean over other groups of their most similar sample (in-batch negatives)
@@ -380,6 +381,7 @@ CHOICES = {
     "grpo.disco.score": grpo.DISCO_SCORES,
     "grpo.task": ("code", "function", "docstring", "grace"),
     "grpo.grace.pool": ("text_and_rationale", "rationale"),
+    "grpo.grace.reward": ("grace", "infonce"),
     "grpo.reward_combine": ("sum", "gdpo"),
 }
 

@@ -311,6 +311,7 @@ class Settings:
   train_queries: bool = True
   pool: str = "text_and_rationale"
   mode: str = ""
+  reward: str = "grace"  # grace | infonce (alignax.rewards.grace)
 
   @property
   def room(self) -> int:
@@ -329,7 +330,7 @@ class Settings:
                cross_group_weight=r.cross_group_weight,
                length_penalty=r.length_penalty,
                train_queries=r.train_queries, pool=r.pool,
-               mode=g.prompt_mode)
+               mode=g.prompt_mode, reward=r.reward)
 
 
 @dataclasses.dataclass
@@ -354,11 +355,16 @@ def text_prompts(tokenizer, pairs, s: Settings):
 
 def _score_side(anchor_emb, sample_emb, truncated, s: Settings):
   g = s.num_generations
-  total, terms = grace_rewards.grace_rewards(
-      np.repeat(anchor_emb, g, axis=0), sample_emb, num_generations=g,
-      temperature=s.reward_temperature,
-      clustering_weight=s.clustering_weight,
-      cross_group_weight=s.cross_group_weight)
+  if s.reward == "infonce":
+    total, terms = grace_rewards.infonce_rewards(
+        anchor_emb, sample_emb, num_generations=g,
+        temperature=s.reward_temperature)
+  else:
+    total, terms = grace_rewards.grace_rewards(
+        np.repeat(anchor_emb, g, axis=0), sample_emb, num_generations=g,
+        temperature=s.reward_temperature,
+        clustering_weight=s.clustering_weight,
+        cross_group_weight=s.cross_group_weight)
   if s.length_penalty:
     total = grace_rewards.length_penalized(total, truncated)
   return total, terms

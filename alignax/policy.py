@@ -221,28 +221,48 @@ def _chunk_logits(h, kernel, start, size, head):
 
 
 def _vocab_chunk(j, vocab, vc):
-  """Start and fresh-column mask of vocabulary chunk ``j`` (``j * vc < V``).
+  """Start, column ids and fresh-column mask of vocabulary chunk ``j``.
 
   The last chunk is shifted left to end at ``V`` (no padded kernel copy); its
-  columns before ``j * vc`` were already counted and are masked out.
+  columns before ``j * vc`` were already counted and are masked out. The
+  mask is ``None`` where every column is fresh, known when tracing: chunk
+  ``0`` (a Python int) and every chunk when ``vc`` divides ``V``. Then no
+  select over the ``[B, C, Vc]`` block is emitted (XLA on CPU materialises
+  each one).
   """
   start = jnp.minimum(j * vc, vocab - vc)
   cols = start + jnp.arange(vc)  # [Vc]
+  if vocab % vc == 0 or (isinstance(j, int) and j == 0):
+    return start, cols, None
   return start, cols, cols >= j * vc
 
 
-def _chunk_state(z, cols, fresh, y, head) -> _Online:
-  zf = jnp.where(fresh, z, -jnp.inf)  # [B, C, Vc]
+def _picked_logit(z, start, first, y):
+  """``z[..., y - start]`` where ``y`` is a fresh column of this chunk (id
+  ``>= first``), else 0: a gather of ``[B, C]`` values instead of a masked
+  sum over the ``[B, C, Vc]`` block."""
+  vc = z.shape[-1]
+  idx = y - start
+  inside = (idx >= 0) & (idx < vc) & (y >= first)
+  got = jnp.take_along_axis(z, jnp.clip(idx, 0, vc - 1)[..., None],
+                            axis=-1)[..., 0]
+  return jnp.where(inside, got, 0.0)
+
+
+def _chunk_state(z, start, first, cols, fresh, y, head) -> _Online:
+  zf = z if fresh is None else jnp.where(fresh, z, -jnp.inf)  # [B, C, Vc]
   m = jnp.max(zf, axis=-1)  # [B, C], finite: every chunk has a fresh column
   shifted = zf - m[..., None]
   e = jnp.exp(shifted)  # 0 on stale columns
-  picked = jnp.sum(jnp.where((cols == y[..., None]) & fresh, z, 0.0), axis=-1)
+  picked = _picked_logit(z, start, first, y)
   zero = jnp.zeros_like(m)
   s2 = jnp.sum(e * e, -1) if head.with_p2 else zero
   if not head.with_stats:
     return _Online(m, jnp.sum(e, -1), picked, zero, s2,
                    jnp.zeros(m.shape, jnp.int32))
-  a = jnp.sum(e * jnp.where(fresh, shifted, 0.0), axis=-1)
+  if fresh is not None:
+    shifted = jnp.where(fresh, shifted, 0.0)  # -inf there, and e = 0
+  a = jnp.sum(e * shifted, axis=-1)
   return _Online(m, jnp.sum(e, -1), picked, a, s2,
                  cols[jnp.argmax(zf, axis=-1)])
 
@@ -268,7 +288,7 @@ def _forward_chunk(h, y, kernel, head):
   def state(j):
     start, cols, fresh = _vocab_chunk(j, vocab, vc)
     z, _, _ = _chunk_logits(h, kernel, start, vc, head)
-    return _chunk_state(z, cols, fresh, y, head)
+    return _chunk_state(z, start, j * vc, cols, fresh, y, head)
 
   st = state(0)
   if count > 1:
@@ -301,15 +321,17 @@ def _backward_chunk(h, y, cts, lse, ent, log_p2, kernel, dw, head):
     start, cols, fresh = _vocab_chunk(j, vocab, vc)
     z, t, w = _chunk_logits(h, kernel, start, vc, head)  # again [B, C, Vc]
     logp_v = z - lse[..., None]
-    p = jnp.where(fresh, jnp.exp(logp_v), 0.0)
+    p = jnp.exp(logp_v)
+    hit = cols == y[..., None]  # the target's column
+    if fresh is not None:
+      p, hit = jnp.where(fresh, p, 0.0), hit & fresh
     coef = (g_lse - g_logp)[..., None]
     if head.with_stats:
       coef = coef - g_ent[..., None] * (logp_v + ent[..., None])
     if head.with_p2:
       coef = coef + 2.0 * g_p2[..., None] * (
           p * jnp.exp(-log_p2)[..., None] - 1.0)
-    gz = p * coef + jnp.where((cols == y[..., None]) & fresh,
-                              g_logp[..., None], 0.0)  # [B, C, Vc]
+    gz = p * coef + jnp.where(hit, g_logp[..., None], 0.0)  # [B, C, Vc]
     if head.softcap:
       gz = gz * (1.0 - t * t)
     gz = gz.astype(h.dtype)

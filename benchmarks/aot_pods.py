@@ -56,10 +56,14 @@ LLAMA2_7B = dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
 # MaxText's "default" model (base.yml): 16 layers of 2048, 1.1B parameters.
 MAXTEXT_DEFAULT_1B = dict(vocab_size=32000, d_model=2048, n_layers=16,
                           n_heads=16, n_kv_heads=16, head_dim=128, d_ff=7168)
+# Llama-3-8B: GQA (8 KV heads), SwiGLU 14336, vocabulary 128,256.
+LLAMA3_8B = dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                 n_kv_heads=8, head_dim=128, d_ff=14336, rope_theta=500000.0)
 SHAPES = {
     "7b_4x2048": ("v5p-128", 4, 2048, "llama2-7b", LLAMA2_7B),
     "7b_1x8192": ("v5p-128", 1, 8192, "llama2-7b", LLAMA2_7B),
     "1b_16x2048": ("v5p-8", 16, 2048, "default", MAXTEXT_DEFAULT_1B),
+    "l3_8b_1x8192": ("v5p-128", 1, 8192, "llama3-8b", LLAMA3_8B),
 }
 CHIPS = {"v5p-8": 4, "v5p-128": 64}
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v5p-8",

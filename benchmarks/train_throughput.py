@@ -6,7 +6,13 @@
 Times the jitted, sharded train step of alignax (the same step train.py
 runs) on synthetic packed batches, after a warm-up step that compiles it.
 MFU = tokens/s x model FLOPs per token / (devices x peak FLOP/s); the peak is
-the datasheet bf16 number on TPU/GPU and a measured fp32 matmul on CPU.
+the datasheet bf16 number on TPU/GPU and a measured fp32 matmul on CPU
+(the higher of a reading before and one after the timed steps: a reading
+on a busy machine is low and would inflate MFU). The step time is the
+median of ``--steps`` timed steps.
+
+  python benchmarks/train_throughput.py --sizes=medium --steps=3 \
+      [--scan_layers=false]
 """
 
 import argparse
@@ -45,11 +51,12 @@ def synthetic_batch(batch, seq_len, vocab, seed=0):
           "prefix": np.zeros((batch, seq_len), bool)}
 
 
-def bench(name, steps, dtype, mesh_cfg):
+def bench(name, steps, dtype, mesh_cfg, scan_layers=True):
+  """Median seconds per step (and the fastest) of size ``name``."""
   d, layers, heads, kv, ff, vocab, seq_len, batch = SIZES[name]
   cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
                     n_kv_heads=kv, head_dim=d // heads, d_ff=ff,
-                    max_seq_len=seq_len, dtype=dtype)
+                    max_seq_len=seq_len, dtype=dtype, scan_layers=scan_layers)
   mesh = shd.make_mesh(mesh_cfg)
   opt_cfg = defaults.base_config().optimizer
   optimizer, schedule = state_lib.build_optimizer(opt_cfg, 1000)
@@ -61,18 +68,13 @@ def bench(name, steps, dtype, mesh_cfg):
   data = shd.host_to_global(synthetic_batch(batch, seq_len, vocab), mesh)
   state, m = step(state, data)  # compile
   jax.block_until_ready(m)
-  t0 = time.perf_counter()
+  times = []
   for _ in range(steps):
+    t0 = time.perf_counter()
     state, m = step(state, data)
-  jax.block_until_ready(m)
-  seconds = (time.perf_counter() - t0) / steps
-  tokens = batch * seq_len
-  flops = cfg.flops_per_token(seq_len)
-  out = metrics_lib.throughput(tokens, seconds, flops, jax.device_count(),
-                               metrics_lib.device_peak_flops())
-  print(f"| {name} | {cfg.num_params() / 1e6:.2f}M | {batch}x{seq_len} | "
-        f"{seconds * 1e3:.0f} ms | {out['tokens_per_s']:,.0f} | "
-        f"{flops / 1e6:.1f} MFLOP | {out['mfu'] * 100:.1f}% |", flush=True)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return cfg, batch, seq_len, float(np.median(times)), min(times)
 
 
 def main():
@@ -80,15 +82,35 @@ def main():
   parser.add_argument("--sizes", default=",".join(SIZES))
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--scan_layers", default="true",
+                      choices=("true", "false"),
+                      help="ModelConfig.scan_layers (false: unrolled layers)")
   args = parser.parse_args()
   dev = jax.devices()[0]
   peak = metrics_lib.device_peak_flops(dev)
+  load = [os.getloadavg()[0]]
+  results = [(name, *bench(name, args.steps, args.dtype, {"fsdp": -1},
+                           args.scan_layers == "true"))
+             for name in args.sizes.split(",")]
+  load.append(os.getloadavg()[0])
+  if dev.platform == "cpu":
+    # A matmul peak read on a busy machine reads low and inflates MFU, so it
+    # is measured before and after the steps and the higher one is used.
+    peak = max(peak, metrics_lib.device_peak_flops(dev))
   print(f"device: {jax.device_count()} x {dev.device_kind} ({dev.platform}); "
-        f"peak {peak / 1e9:.1f} GFLOP/s per device")
-  print("| size | params | batch | step | tokens/s | FLOPs/token | MFU |")
+        f"peak {peak / 1e9:.1f} GFLOP/s per device; load {load[0]:.2f} -> "
+        f"{load[1]:.2f}; scan_layers={args.scan_layers}")
+  print("| size | params | batch | step (median, min) | tokens/s | "
+        "FLOPs/token | MFU |")
   print("|---|---|---|---|---|---|---|")
-  for name in args.sizes.split(","):
-    bench(name, args.steps, args.dtype, {"fsdp": -1})
+  for name, cfg, batch, seq_len, seconds, fastest in results:
+    flops = cfg.flops_per_token(seq_len)
+    out = metrics_lib.throughput(batch * seq_len, seconds, flops,
+                                 jax.device_count(), peak)
+    print(f"| {name} | {cfg.num_params() / 1e6:.2f}M | {batch}x{seq_len} | "
+          f"{seconds * 1e3:.0f} ms, {fastest * 1e3:.0f} ms | "
+          f"{out['tokens_per_s']:,.0f} | {flops / 1e6:.1f} MFLOP | "
+          f"{out['mfu'] * 100:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,52 @@ def test_rewards_by_hand():
       rtol=1e-10)
 
 
+def _infonce_reference(anchors, samples, g, tau):
+  """log p(own pair | sample) over the side's partner anchors, as loops."""
+  def cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+  out = []
+  for i, x in enumerate(samples):
+    logits = [cos(x, a) / tau for a in anchors]
+    out.append(logits[i // g] - np.log(sum(np.exp(v) for v in logits)))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("g,p", [(4, 3), (1, 5), (3, 1)])
+def test_infonce_rewards_match_loops(g, p):
+  rng = np.random.default_rng(7 * g + p)
+  a, x = rng.normal(size=(p, 6)), rng.normal(size=(p * g, 6))
+  total, terms = grace_rewards.infonce_rewards(a, x, num_generations=g,
+                                               temperature=0.3)
+  np.testing.assert_allclose(total, _infonce_reference(a, x, g, 0.3),
+                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(total, terms["positive"] - terms["log_partition"])
+  assert set(terms) == set(grace_rewards.INFONCE_COMPONENTS)
+  assert np.all(total <= 0)
+  if p == 1:  # one pair: nothing to tell apart
+    np.testing.assert_allclose(total, 0.0, atol=1e-12)
+
+
+def test_infonce_rewards_by_hand_and_errors():
+  s = np.sqrt(0.5)
+  anchors = np.array([[1, 0], [0, 1]], float)
+  samples = np.array([[1, 0], [s, s], [0, 1], [-1, 0]], float)
+  total, _ = grace_rewards.infonce_rewards(anchors, samples, num_generations=2,
+                                           temperature=0.5)
+  # logits / tau: [2, 0], [2s, 2s], [0, 2], [-2, 0]; own pair 0, 0, 1, 1.
+  a = 2 - np.log(np.exp(2) + 1)
+  np.testing.assert_allclose(total, [a, -np.log(2), a, a])
+  np.testing.assert_allclose(total, [-0.1269280110, -0.6931471806,
+                                     -0.1269280110, -0.1269280110], rtol=1e-9)
+  # The sample nearer its own partner than the other pair's wins, unlike
+  # GRACE's terms, whose in-group part is the closeness to the partner only.
+  with pytest.raises(ValueError, match=r"\[P \* G, D\]"):
+    grace_rewards.infonce_rewards(anchors, samples[:3], num_generations=2)
+  with pytest.raises(ValueError, match="temperature"):
+    grace_rewards.infonce_rewards(anchors, samples, num_generations=2,
+                                  temperature=0.0)
+
+
 def test_length_penalty_and_errors():
   np.testing.assert_array_equal(
       grace_rewards.length_penalized([0.5, 2.0, 3.0], [False, True, False]),
@@ -229,6 +275,13 @@ def test_task_rollout_and_evaluation_on_a_tiny_policy():
   never_stopped = np.array([4 not in o and 2 not in o for o in outs])
   np.testing.assert_array_equal(rewards[never_stopped, 0], -1.0)
   assert set(task.last_terms) == set(grace_rewards.COMPONENTS)
+  # grpo.grace.reward='infonce': each sample's log p(own pair), at most 0.
+  import dataclasses
+  task.settings = dataclasses.replace(task.settings, reward="infonce")
+  _, outs, rewards = task.rollout(trainer, prompts, jax_key(0))
+  stopped = np.array([4 in o or 2 in o for o in outs])
+  assert np.all(rewards[stopped, 0] <= 0) and np.isfinite(rewards).all()
+  assert set(task.last_terms) == set(grace_rewards.INFONCE_COMPONENTS)
   metrics = task.evaluate(trainer)
   for side in ("rationale", "plain"):
     for k in ("recall@1", "recall@5", "recall@10", "mrr@10"):

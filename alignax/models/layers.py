@@ -162,6 +162,25 @@ def rope_frequencies(head_dim: int, theta: float, *, scaling: str = 'none',
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+  """``x`` contracted over its last ``n_in`` axes with ``w``'s first ``n_in``.
+
+  Computed as one 2-D matmul ``[rows, in] @ [in, out]``: the leading axes
+  of ``x`` and the trailing axes of ``w`` are merged first (free reshapes of
+  contiguous axes). Mathematically the einsum ``'...i,io->...o'``, but XLA
+  on CPU lays out the backward of a 3-D einsum badly: the weight gradient
+  contracts over both batch and sequence, and the layout pass transposes the
+  ``[B, T, F]`` cotangent into a copy before the dot. In the DPO benchmark
+  step those copies were 21% of the thread time (profiled); on the 2-D form
+  they are gone (``benchmarks/RESULTS.md``, "2-D projections").
+  """
+  lead, out = x.shape[:x.ndim - n_in], w.shape[n_in:]
+  k = math.prod(w.shape[:n_in])
+  y = x.reshape(math.prod(lead), k) @ w.reshape(k, math.prod(out))
+  return y.reshape(*lead, *out)
+
+
 def fused_attention(q, k, v, mask, *, implementation=None, scale=None):
   """``jax.nn.dot_product_attention`` (GQA natively): ``-> [B, T, H, Dh]``."""
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
@@ -307,9 +326,9 @@ class Attention(nnx.Module):
     """q ``[B, T, H, Dh]``, k and v ``[B, T, K, Dh]``, RoPE applied."""
     cfg, x = self.cfg, x.astype(self.dtype)
     d = (cfg.d_model,)
-    q = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'q', self.dtype, d))
-    k = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'k', self.dtype, d))
-    v = jnp.einsum('btd,dhk->bthk', x, quant.kernel(self, 'v', self.dtype, d))
+    q = dense(x, quant.kernel(self, 'q', self.dtype, d))  # [B, T, H, Dh]
+    k = dense(x, quant.kernel(self, 'k', self.dtype, d))
+    v = dense(x, quant.kernel(self, 'v', self.dtype, d))
     # Named for the remat policies (ModelConfig.remat, MaxText's names).
     q = checkpoint_name(lora.add(self, 'q', q, x, self.dtype), 'query_proj')
     k = checkpoint_name(lora.add(self, 'k', k, x, self.dtype), 'key_proj')
@@ -345,7 +364,7 @@ class Attention(nnx.Module):
   def _output(self, out):
     out = checkpoint_name(out, 'context')
     o = quant.kernel(self, 'o', self.dtype, out.shape[2:])
-    y = jnp.einsum('bthk,hkd->btd', out, o)
+    y = dense(out, o, n_in=2)  # [B, T, H, Dh] x [H, Dh, D]
     return checkpoint_name(lora.add(self, 'o', y, out, self.dtype), 'out_proj')
 
 
@@ -390,11 +409,11 @@ class MLP(nnx.Module):
     x = x.astype(self.dtype)
     w = lambda name, rows: quant.kernel(self, name, self.dtype, (rows,))
     d = x.shape[-1]
-    gate = checkpoint_name(lora.add(self, 'gate', x @ w('gate', d), x,
+    gate = checkpoint_name(lora.add(self, 'gate', dense(x, w('gate', d)), x,
                                     self.dtype), 'mlpwi_0')  # [B, T, F]
-    up = checkpoint_name(lora.add(self, 'up', x @ w('up', d), x, self.dtype),
-                         'mlpwi_1')
+    up = checkpoint_name(lora.add(self, 'up', dense(x, w('up', d)), x,
+                                  self.dtype), 'mlpwi_1')
     hidden = _ACTIVATIONS[self.activation](gate) * up
     return checkpoint_name(
-        lora.add(self, 'down', hidden @ w('down', hidden.shape[-1]), hidden,
-                 self.dtype), 'mlpwo')
+        lora.add(self, 'down', dense(hidden, w('down', hidden.shape[-1])),
+                 hidden, self.dtype), 'mlpwo')

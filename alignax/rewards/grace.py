@@ -152,3 +152,51 @@ def length_penalized(rewards, truncated, *, penalty: float = -1.0):
     raise ValueError(f"rewards {rewards.shape} and truncated "
                      f"{truncated.shape} must have one shape [B].")
   return np.where(truncated, penalty, rewards)
+
+
+INFONCE_COMPONENTS = ("positive", "log_partition")
+
+
+def infonce_rewards(partner_anchors, samples, *, num_generations: int,
+                    temperature: float = 0.1):
+  r"""Per-sample InfoNCE reward: the sample's own pair against in-batch ones.
+
+  GRACE's terms that tell pairs apart (``neg``, ``cross``) are constant
+  within a group (one anchor per text), so GRPO's group-centred advantage
+  only sees ``pos + w_c clu``: closeness to the partner, which a rationale
+  can raise by moving every embedding towards a common direction. This
+  reward scores each sample the way the contrastive loss scores it, against
+  the partner anchors of all ``P`` groups of its side:
+
+  .. math:: r_{gi} = \frac{s(x_{gi}, a_g)}{\tau}
+            - \log \sum_{h=1}^{P} e^{s(x_{gi}, a_h) / \tau}
+
+  (:math:`\log p(g \mid x_{gi})`, at most 0), so a sample gains by being
+  nearer its partner *than the other pairs' partners*, which is what
+  Recall@k measures.
+
+  Args:
+    partner_anchors: ``[P, D]``, group ``g``'s partner anchor (the query's
+      rationale embedding for a document group).
+    samples: ``[P * G, D]`` sampled rationale embeddings, group-major.
+    num_generations: ``G``.
+    temperature: :math:`\tau > 0`.
+
+  Returns:
+    ``(total [P*G], {'positive', 'log_partition'})``, float64; ``total =
+    positive - log_partition``.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  a, x = _unit(partner_anchors, "anchors"), _unit(samples, "samples")
+  g = int(num_generations)
+  if g < 1 or a.shape[1:] != x.shape[1:] or x.shape[0] != a.shape[0] * g:
+    raise ValueError(f"anchors {a.shape} and samples {x.shape} must be "
+                     f"[P, D] and [P * G, D] with G={g}.")
+  logits = (x @ a.T) / temperature  # [P*G, P]
+  own = np.arange(x.shape[0]) // g
+  positive = logits[np.arange(x.shape[0]), own]
+  top = logits.max(-1)
+  log_partition = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+  return positive - log_partition, {"positive": positive,
+                                    "log_partition": log_partition}
