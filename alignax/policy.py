@@ -187,6 +187,7 @@ class _Head(NamedTuple):
   vocab_chunk: int
   with_stats: bool  # lse, entropy, argmax
   with_p2: bool = False  # log sum_v p_v^2
+  with_entropy: bool = True  # (with_stats) False: entropy left at 0, no pass
 
 
 class _Online(NamedTuple):
@@ -260,9 +261,11 @@ def _chunk_state(z, start, first, cols, fresh, y, head) -> _Online:
   if not head.with_stats:
     return _Online(m, jnp.sum(e, -1), picked, zero, s2,
                    jnp.zeros(m.shape, jnp.int32))
-  if fresh is not None:
-    shifted = jnp.where(fresh, shifted, 0.0)  # -inf there, and e = 0
-  a = jnp.sum(e * shifted, axis=-1)
+  a = zero
+  if head.with_entropy:
+    if fresh is not None:
+      shifted = jnp.where(fresh, shifted, 0.0)  # -inf there, and e = 0
+    a = jnp.sum(e * shifted, axis=-1)
   return _Online(m, jnp.sum(e, -1), picked, a, s2,
                  cols[jnp.argmax(zf, axis=-1)])
 
@@ -272,7 +275,8 @@ def _merge(x: _Online, y: _Online, head: _Head) -> _Online:
   m = jnp.maximum(x.m, y.m)
   cx, cy = jnp.exp(x.m - m), jnp.exp(y.m - m)
   a, s2 = x.a, x.s2
-  if head.with_stats:  # sum e^{z-m}(z-m): e^{m_x-m}(a_x + (m_x-m) s_x)
+  if head.with_stats and head.with_entropy:
+    # sum e^{z-m}(z-m): e^{m_x-m}(a_x + (m_x-m) s_x)
     a = cx * (x.a + (x.m - m) * x.s) + cy * (y.a + (y.m - m) * y.s)
   if head.with_p2:  # sum e^{2(z-m)} rescales by e^{2(m_x-m)}
     s2 = cx * cx * x.s2 + cy * cy * y.s2
@@ -326,7 +330,7 @@ def _backward_chunk(h, y, cts, lse, ent, log_p2, kernel, dw, head):
     if fresh is not None:
       p, hit = jnp.where(fresh, p, 0.0), hit & fresh
     coef = (g_lse - g_logp)[..., None]
-    if head.with_stats:
+    if head.with_stats and head.with_entropy:
       coef = coef - g_ent[..., None] * (logp_v + ent[..., None])
     if head.with_p2:
       coef = coef + 2.0 * g_p2[..., None] * (
@@ -507,10 +511,14 @@ def fused_token_logps_and_stats(
     softcap: float = 0.0,
     chunk_size: int = 0,
     vocab_chunk: int = 4096,
+    entropy: bool = True,
 ) -> tuple[Array, TokenStats]:
   r""":func:`fused_token_logps` plus log-normaliser, entropy and accuracy.
 
-  Same arguments. The cross-entropy with z-loss is
+  Same arguments; ``entropy=False`` leaves ``stats.entropy`` at 0 and skips
+  its work (one pass over each logits block forward and one term backward:
+  the LM loss needs only ``lse`` and ``correct``). The cross-entropy with
+  z-loss is
   ``-logp + z_loss * stats.lse**2``; gradients flow through ``logp``,
   ``stats.lse`` and ``stats.entropy`` (``correct`` is a bool):
 
@@ -520,8 +528,11 @@ def fused_token_logps_and_stats(
   Returns:
     ``(logp, TokenStats(lse, entropy, correct))``, each ``[..., T]``.
   """
-  head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, True)
+  head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, True,
+               with_entropy=bool(entropy))
   logp, lse, ent, _, correct = _fused_call(hidden, kernel, targets, head)
+  if not entropy:
+    ent = jnp.zeros_like(lse)
   return logp, TokenStats(lse, ent, correct)
 
 
@@ -603,13 +614,14 @@ def model_token_logps_and_log_sum_p2(
 
 def model_token_logps_and_stats(
     model, hidden: Array, targets: Array, *, chunk_size: int = 0,
-    vocab_chunk: int = 4096) -> tuple[Array, TokenStats]:
+    vocab_chunk: int = 4096, entropy: bool = True
+) -> tuple[Array, TokenStats]:
   """:func:`fused_token_logps_and_stats` with ``model``'s LM head."""
   kernel, transposed, softcap, dtype = _model_head(model)
   return fused_token_logps_and_stats(
       jnp.asarray(hidden).astype(dtype), kernel, targets,
       transposed=transposed, softcap=softcap, chunk_size=chunk_size,
-      vocab_chunk=vocab_chunk)
+      vocab_chunk=vocab_chunk, entropy=entropy)
 
 
 def _check_weights(token_logps_: Array, weights: Array) -> Array:

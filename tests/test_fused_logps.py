@@ -144,14 +144,27 @@ def test_check_grads_float64_all_outputs():
     check_grads(jax.jit(p2), (h, w), order=1, modes=("rev",))
 
 
-def test_z_loss_cross_entropy_equals_token_cross_entropy():
+@pytest.mark.parametrize("entropy", [True, False])
+def test_z_loss_cross_entropy_equals_token_cross_entropy(entropy):
+  # entropy=False (the LM objective's) skips the entropy work only.
   hidden, kernel, targets, weights = _data()
   z_loss = 1e-2
 
   def fused(h, w):
     logp, st = policy.fused_token_logps_and_stats(h, w, targets, chunk_size=3,
-                                                  vocab_chunk=4)
+                                                  vocab_chunk=4,
+                                                  entropy=entropy)
     return jnp.sum(weights * (z_loss * st.lse**2 - logp))
+
+  _, st = policy.fused_token_logps_and_stats(hidden, kernel, targets,
+                                             chunk_size=3, vocab_chunk=4,
+                                             entropy=entropy)
+  logits = np.asarray(hidden @ kernel, np.float64)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(st.lse, lse, rtol=1e-5)
+  np.testing.assert_array_equal(st.correct, logits.argmax(-1) == targets)
+  if not entropy:
+    np.testing.assert_array_equal(st.entropy, 0.0)
 
   def plain(h, w):
     ce = _lm.token_cross_entropy(h @ w, targets, z_loss=z_loss)

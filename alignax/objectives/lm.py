@@ -38,7 +38,7 @@ def token_losses(model, batch, *, z_loss=0.0, chunk_size=0):
   """
   hidden = forward(model, batch, return_hidden=True)  # [B, T, D]
   logps, stats = policy.model_token_logps_and_stats(
-      model, hidden, batch["targets"], chunk_size=chunk_size)
+      model, hidden, batch["targets"], chunk_size=chunk_size, entropy=False)
   per_token = z_loss * jnp.square(stats.lse) - logps
   weights = batch["weights"].astype(jnp.float32)
   count = jnp.sum(weights)
