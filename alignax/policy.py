@@ -303,7 +303,9 @@ def _forward_chunk(h, y, kernel, head):
   # log sum p^2 = log sum e^{2(z-m)} - 2 log sum e^{z-m}: the max cancels.
   log_p2 = (jnp.log(st.s2) - 2.0 * log_s if head.with_p2
             else jnp.zeros_like(lse))
-  return st.picked - lse, lse, log_s - st.a / st.s, log_p2, st.idx == y
+  ent = (log_s - st.a / st.s if head.with_stats and head.with_entropy
+         else jnp.zeros_like(lse))
+  return st.picked - lse, lse, ent, log_p2, st.idx == y
 
 
 def _backward_chunk(h, y, cts, lse, ent, log_p2, kernel, dw, head):
@@ -531,8 +533,6 @@ def fused_token_logps_and_stats(
   head = _Head(transposed, float(softcap), chunk_size, vocab_chunk, True,
                with_entropy=bool(entropy))
   logp, lse, ent, _, correct = _fused_call(hidden, kernel, targets, head)
-  if not entropy:
-    ent = jnp.zeros_like(lse)
   return logp, TokenStats(lse, ent, correct)
 
 

@@ -162,7 +162,6 @@ def rope_frequencies(head_dim: int, theta: float, *, scaling: str = 'none',
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """``x`` contracted over its last ``n_in`` axes with ``w``'s first ``n_in``.
 
