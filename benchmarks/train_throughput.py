@@ -13,6 +13,8 @@ median of ``--steps`` timed steps.
 
   python benchmarks/train_throughput.py --sizes=medium --steps=3 \
       [--scan_layers=false]
+  python benchmarks/train_throughput.py --sizes=gpu_500m --dtype=bfloat16 \
+      --attention=cudnn,blockwise --segments=4      # on a GPU
 """
 
 import argparse
@@ -38,25 +40,37 @@ SIZES = {
     "tiny": (128, 4, 4, 2, 384, 2176, 128, 16),  # configs/demo.py
     "small": (256, 6, 8, 4, 768, 8192, 256, 16),
     "medium": (512, 8, 8, 8, 1536, 32000, 512, 8),
+    # GPU sizes (bf16): ~0.5B and ~1.4B parameters, 16k tokens per step.
+    "gpu_500m": (1536, 16, 12, 4, 4096, 32000, 2048, 8),
+    "gpu_1b": (2048, 24, 16, 8, 5632, 32000, 2048, 8),
 }
 
 
-def synthetic_batch(batch, seq_len, vocab, seed=0):
+def synthetic_batch(batch, seq_len, vocab, seed=0, segments=1):
+  """Random tokens; ``segments`` > 1 packs that many documents per row."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(1, vocab, size=(batch, seq_len + 1)).astype(np.int32)
+  seg = np.ones((batch, seq_len), np.int32)
+  pos = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
+  for n in range(batch if segments > 1 else 0):
+    cuts = np.r_[0, np.sort(rng.choice(np.arange(1, seq_len), segments - 1,
+                                       replace=False)), seq_len]
+    for s, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+      seg[n, lo:hi], pos[n, lo:hi] = s + 1, np.arange(hi - lo)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
           "weights": np.ones((batch, seq_len), np.float32),
-          "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
-          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": pos, "segment_ids": seg,
           "prefix": np.zeros((batch, seq_len), bool)}
 
 
-def bench(name, steps, dtype, mesh_cfg, scan_layers=True):
+def bench(name, steps, dtype, mesh_cfg, scan_layers=True, attention="auto",
+          segments=1):
   """Median seconds per step (and the fastest) of size ``name``."""
   d, layers, heads, kv, ff, vocab, seq_len, batch = SIZES[name]
   cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
                     n_kv_heads=kv, head_dim=d // heads, d_ff=ff,
-                    max_seq_len=seq_len, dtype=dtype, scan_layers=scan_layers)
+                    max_seq_len=seq_len, dtype=dtype, scan_layers=scan_layers,
+                    attention=attention)
   mesh = shd.make_mesh(mesh_cfg)
   opt_cfg = defaults.base_config().optimizer
   optimizer, schedule = state_lib.build_optimizer(opt_cfg, 1000)
@@ -65,7 +79,8 @@ def bench(name, steps, dtype, mesh_cfg, scan_layers=True):
   step = step_lib.jit_train_step(
       step_lib.make_train_step(lm.lm_objective, graphdef, optimizer, schedule),
       shardings, mesh)
-  data = shd.host_to_global(synthetic_batch(batch, seq_len, vocab), mesh)
+  data = shd.host_to_global(
+      synthetic_batch(batch, seq_len, vocab, segments=segments), mesh)
   state, m = step(state, data)  # compile
   jax.block_until_ready(m)
   times = []
@@ -85,13 +100,19 @@ def main():
   parser.add_argument("--scan_layers", default="true",
                       choices=("true", "false"),
                       help="ModelConfig.scan_layers (false: unrolled layers)")
+  parser.add_argument("--attention", default="auto",
+                      help="ModelConfig.attention; a comma list runs each")
+  parser.add_argument("--segments", type=int, default=1,
+                      help="documents packed per row (segment ids)")
   args = parser.parse_args()
   dev = jax.devices()[0]
   peak = metrics_lib.device_peak_flops(dev)
   load = [os.getloadavg()[0]]
-  results = [(name, *bench(name, args.steps, args.dtype, {"fsdp": -1},
-                           args.scan_layers == "true"))
-             for name in args.sizes.split(",")]
+  results = [(f"{name} ({att})" if "," in args.attention else name,
+              *bench(name, args.steps, args.dtype, {"fsdp": -1},
+                     args.scan_layers == "true", att, args.segments))
+             for name in args.sizes.split(",")
+             for att in args.attention.split(",")]
   load.append(os.getloadavg()[0])
   if dev.platform == "cpu":
     # A matmul peak read on a busy machine reads low and inflates MFU, so it
@@ -99,7 +120,8 @@ def main():
     peak = max(peak, metrics_lib.device_peak_flops(dev))
   print(f"device: {jax.device_count()} x {dev.device_kind} ({dev.platform}); "
         f"peak {peak / 1e9:.1f} GFLOP/s per device; load {load[0]:.2f} -> "
-        f"{load[1]:.2f}; scan_layers={args.scan_layers}")
+        f"{load[1]:.2f}; scan_layers={args.scan_layers}; dtype {args.dtype}; "
+        f"{args.segments} segment(s) per row")
   print("| size | params | batch | step (median, min) | tokens/s | "
         "FLOPs/token | MFU |")
   print("|---|---|---|---|---|---|---|")

@@ -12,8 +12,10 @@ the fly and skips the tiles it empties. The paths, chosen by
   ``custom_vjp`` backward that recomputes each tile's probabilities from the
   saved log-sum-exp), memory ``O(T * block)`` in both passes, any backend.
 * ``'splash'``: the Pallas TPU splash kernel, causal + segment ids only.
-* ``'cudnn'``: ``jax.nn.dot_product_attention(implementation='cudnn')``,
-  plain causal rows only (no packing), fp16/bf16.
+* ``'cudnn'``: cuDNN's flash kernel on GPU, fp16/bf16, causal rows: plain
+  ones through ``jax.nn.dot_product_attention(implementation='cudnn')``,
+  packed ones (segment ids, padding) through cuDNN's packed layout; rows
+  with a bidirectional prefix fall back to blockwise on the device.
 * ``'reference'`` (old name ``'einsum'``) and ``'fused'``: the dense mask
   with ``layers.einsum_attention`` / ``jax.nn.dot_product_attention``.
 * ``'auto'``: splash on TPU, cudnn on GPU where they apply, else blockwise.
@@ -503,11 +505,17 @@ def splash_attention(q, k, v, info: MaskInfo, *, scale=None, softcap=0.0,
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
+CUDNN_MAX_SEGMENTS = 64  # runs of equal segment id per row the packed layout takes
+
+
 def cudnn_fits(info: MaskInfo, dtype, head_dim: int) -> str:
-  """Why cuDNN flash attention cannot run this mask ('' when it can)."""
-  if (info.segment_ids is not None or info.prefix is not None
-      or info.attend_to is not None or info.window is not None):
-    return 'it is not a plain causal mask (segments, prefix, window)'
+  """Why cuDNN flash attention cannot run this mask ('' when it can).
+
+  Causal rows, packed (segment ids, padding) or not, fit; a bidirectional
+  prefix is only checked at run time (see :func:`cudnn_attention`).
+  """
+  if info.attend_to is not None or info.window is not None:
+    return 'it has a shared-prompt attend_to or a sliding window'
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f'dtype {jnp.dtype(dtype).name} is not bfloat16/float16'
   if head_dim % 8 or head_dim > 128:
@@ -515,16 +523,83 @@ def cudnn_fits(info: MaskInfo, dtype, head_dim: int) -> str:
   return ''
 
 
-def cudnn_attention(q, k, v, info: MaskInfo, *, scale=None):
-  """Plain causal attention with cuDNN: ``-> [B, T, H, Dh]``."""
+def packed_runs(segment_ids: jax.Array, max_runs: int):
+  """cuDNN's packed layout of ``[B, T]`` segment ids: runs of equal id.
+
+  Every maximal run of one id is one cuDNN segment, padding runs (id 0)
+  included, so that every token lies in a segment (a padding run attends
+  causally within itself; its outputs are masked by the loss, as in
+  :func:`make_attention_mask`, where padding attends only to itself).
+
+  Returns:
+    ``(offsets [B, max_runs + 1], lengths [B, max_runs], fits)``: each run's
+    start and length, -1 past a row's last run, and a bool scalar, False
+    when some row has more than ``max_runs`` runs (they would be dropped).
+  """
+  b, t = segment_ids.shape
+  seg = segment_ids.astype(jnp.int32)
+  start = jnp.concatenate(
+      [jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  run = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1  # [B, T] run index
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  offsets = jnp.full((b, max_runs + 1), -1, jnp.int32).at[
+      rows, jnp.where(start & (run < max_runs), run, max_runs + 1)].set(
+          pos, mode='drop')
+  lengths = jnp.zeros((b, max_runs), jnp.int32).at[rows, run].add(
+      1, mode='drop')
+  lengths = jnp.where(lengths > 0, lengths, -1)
+  return offsets, lengths, jnp.all(run[:, -1] < max_runs)
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _cudnn_packed(q, k, v, offsets, lengths, scale):
+  """cuDNN's packed (THD) causal attention: each run attends itself only."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  if k.shape[2] != q.shape[2]:  # the packed path strides k/v by q's heads
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  return cudnn.dot_product_attention(
+      q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
+      mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout='BTNH')
+
+
+def cudnn_attention(q, k, v, info: MaskInfo, *, scale=None,
+                    max_runs: int = CUDNN_MAX_SEGMENTS):
+  """Causal attention with cuDNN's flash kernel: ``-> [B, T, H, Dh]``.
+
+  Plain rows go through ``jax.nn.dot_product_attention(implementation=
+  'cudnn')``; packed rows through cuDNN's packed layout (each run of equal
+  segment id a sequence, Hopper or newer). Rows that cuDNN cannot run, a
+  bidirectional prefix or more than ``max_runs`` runs in a row, are checked
+  on the device and take :func:`blockwise_attention` instead (``lax.cond``),
+  so the result always follows :func:`make_attention_mask`.
+  """
   why = cudnn_fits(info, q.dtype, q.shape[-1])
-  if jax.default_backend() != 'gpu':
-    why = f'it needs a GPU, the backend is {jax.default_backend()!r}'
+  if _backend() != 'gpu':
+    why = f'it needs a GPU, the backend is {_backend()!r}'
   if why:
     raise ValueError(f"attention='cudnn' cannot run: {why}; use 'auto' or "
                      "'blockwise'.")
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                      implementation='cudnn')
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if info.segment_ids is None and info.prefix is None:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        implementation='cudnn')
+  seg = info.segment_ids
+  if seg is None:
+    seg = jnp.ones(q.shape[:2], jnp.int32)
+  offsets, lengths, fits = packed_runs(seg, min(max_runs, q.shape[1]))
+  if info.prefix is not None:
+    fits &= ~jnp.any(info.prefix & (seg > 0))
+  return jax.lax.cond(
+      fits,
+      lambda q, k, v: _cudnn_packed(q, k, v, offsets, lengths, scale),
+      lambda q, k, v: blockwise_attention(q, k, v, info, scale=scale),
+      q, k, v)
 
 
 def resolve_attention(name: str, info: MaskInfo, *, seq_len: int, dtype,

@@ -221,6 +221,100 @@ def test_splash_and_cudnn_refuse_clearly_on_cpu():
     attention.cudnn_attention(q, k, v, info)
 
 
+def _runs_numpy(seg, max_runs):
+  """cuDNN's packed layout by its definition: runs of equal id, in order."""
+  b, t = seg.shape
+  offsets = np.full((b, max_runs + 1), -1, np.int32)
+  lengths = np.full((b, max_runs), -1, np.int32)
+  fits = True
+  for n in range(b):
+    runs = []
+    for i in range(t):
+      if i == 0 or seg[n, i] != seg[n, i - 1]:
+        runs.append([i, 0])
+      runs[-1][1] += 1
+    fits &= len(runs) <= max_runs
+    for r, (start, length) in enumerate(runs[:max_runs]):
+      offsets[n, r], lengths[n, r] = start, length
+  return offsets, lengths, fits
+
+
+def test_packed_runs_match_numpy():
+  rng = np.random.default_rng(0)
+  seg = np.stack([_segments(rng.integers(1, 9, size=n), 40)[0]
+                  for n in (1, 3, 6)])
+  seg[0, 5:8] = 0  # padding inside a row is a run of its own
+  for max_runs in (3, 4, 7, 40):
+    got = jax.jit(attention.packed_runs, static_argnums=1)(seg, max_runs)
+    want = _runs_numpy(seg, max_runs)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+  assert not attention.packed_runs(seg, 6)[2]  # row 2: 6 segments + padding
+
+
+def _emulated_cudnn_packed(q, k, v, offsets, lengths, scale):
+  """cuDNN's packed causal kernel, emulated from the offsets and lengths.
+
+  A token attends causally within the run that covers it; the test checks
+  that runs built by ``packed_runs`` reproduce ``dense_mask`` (for every
+  non-padding query) without ever reading the segment ids.
+  """
+  t = q.shape[1]
+  idx = jnp.arange(t)
+  inside = ((idx[None, None] >= offsets[:, :-1, None])
+            & (idx[None, None] < offsets[:, :-1, None] + lengths[..., None])
+            & (lengths[..., None] > 0))  # [B, runs, T]
+  run = jnp.argmax(inside, axis=1) + jnp.where(inside.any(1), 1, -t)
+  mask = ((run[:, :, None] == run[:, None, :])
+          & (idx[None, :] <= idx[:, None])[None])[:, None]
+  return layers.einsum_attention(q, k, v, mask, scale=scale).astype(q.dtype)
+
+
+@pytest.mark.parametrize('kind, max_runs', [
+    ('causal', 8), ('causal', 1), ('prefix', 8), ('plain', 8)])
+def test_cudnn_packed_layout_and_fallback(monkeypatch, kind, max_runs):
+  """The packed cuDNN path, its kernel emulated on CPU, equals the reference.
+
+  ``max_runs=1`` is fewer runs than a row has and ``'prefix'`` rows have a
+  bidirectional prefix: both must take the blockwise branch of the
+  ``lax.cond`` and still match.
+  """
+  monkeypatch.setattr(attention, '_backend', lambda: 'gpu')
+  calls = []
+
+  def emulated(*args):
+    calls.append(1)
+    return _emulated_cudnn_packed(*args)
+
+  monkeypatch.setattr(attention, '_cudnn_packed', emulated)
+  info = _rows(37, 'causal' if kind == 'plain' else kind)
+  if kind == 'plain':
+    info = info._replace(segment_ids=None)
+  q, k, v, w = _qkv(37, kv=2, dh=16, dtype=jnp.bfloat16)
+  keep = (np.ones((2, 37), bool) if info.segment_ids is None
+          else info.segment_ids > 0)[:, :, None, None]
+  w = w * keep
+  mask = attention.dense_mask(info)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = _value_and_grads(lambda q, k, v: layers.einsum_attention(
+      f32(q), f32(k), f32(v), mask, scale=0.3) * keep, q, k, v, w)
+  if kind == 'plain':  # jax.nn's cuDNN call, which has no CPU lowering
+    with pytest.raises(Exception, match='cudnn|cuDNN|CUDA|GPU|gpu'):
+      _value_and_grads(lambda q, k, v: attention.cudnn_attention(
+          q, k, v, info, scale=0.3), q, k, v, w)
+    return
+  got = _value_and_grads(lambda q, k, v: attention.cudnn_attention(
+      q, k, v, info, scale=0.3, max_runs=max_runs) * keep, q, k, v, w)
+  assert calls  # the packed kernel is traced in every case (lax.cond)
+  _assert_close(jax.tree.map(f32, got), want, tol=3e-2)
+  offsets, lengths, fits = attention.packed_runs(info.segment_ids, max_runs)
+  assert bool(fits) == (max_runs == 8)
+  # Where the fallback was taken, the packed kernel alone would be wrong.
+  alone = _emulated_cudnn_packed(q, k, v, offsets, lengths, 0.3) * keep
+  wrong = not np.allclose(f32(alone), want[0], atol=3e-2)
+  assert wrong == (kind == 'prefix' or max_runs == 1)
+
+
 def test_resolve_attention_per_backend():
   packed = attention.MaskInfo(np.ones((1, 256), np.int32), None)
   plain = attention.MaskInfo(None, None)
@@ -236,7 +330,10 @@ def test_resolve_attention_per_backend():
   assert resolve('auto', plain, backend='gpu', **kw) == 'cudnn'
   assert resolve('auto', plain, backend='gpu', softcap=1.0, **kw) == (
       'blockwise')
-  assert resolve('auto', packed, backend='gpu', **kw) == 'blockwise'
+  assert resolve('auto', packed, backend='gpu', **kw) == 'cudnn'
+  assert resolve('auto', prefix, backend='gpu', **kw) == 'cudnn'  # run time
+  assert resolve('auto', packed._replace(window=4), backend='gpu',
+                 **kw) == 'blockwise'
   assert resolve('auto', plain, backend='gpu',
                  **{**kw, 'dtype': jnp.float32}) == 'blockwise'
   for backend in ('cpu', None):
