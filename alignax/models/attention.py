@@ -516,6 +516,11 @@ def cudnn_fits(info: MaskInfo, dtype, head_dim: int) -> str:
   """
   if info.attend_to is not None or info.window is not None:
     return 'it has a shared-prompt attend_to or a sliding window'
+  packed = info.segment_ids is not None or info.prefix is not None
+  capability = _gpu_capability()
+  if packed and capability is not None and capability < (9, 0):
+    return (f'packed rows need a Hopper or newer GPU (compute capability '
+            f'{".".join(map(str, capability))})')
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f'dtype {jnp.dtype(dtype).name} is not bfloat16/float16'
   if head_dim % 8 or head_dim > 128:
@@ -554,6 +559,17 @@ def packed_runs(segment_ids: jax.Array, max_runs: int):
 
 def _backend() -> str:
   return jax.default_backend()
+
+
+def _gpu_capability() -> tuple[int, ...] | None:
+  """The CUDA compute capability of the first device; None off a GPU."""
+  if _backend() != 'gpu':
+    return None
+  cc = getattr(jax.devices()[0], 'compute_capability', None)
+  try:
+    return tuple(int(x) for x in str(cc).split('.'))
+  except ValueError:  # not a CUDA device (ROCm names its targets gfx...)
+    return (0,)
 
 
 def _cudnn_packed(q, k, v, offsets, lengths, scale):

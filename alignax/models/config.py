@@ -111,9 +111,10 @@ class ModelConfig:
       or ``'save:'`` + comma-separated names of ``CHECKPOINT_NAMES``.
     attention: one of ``ATTENTIONS``: ``'blockwise'`` (pure-JAX flash
       attention, no ``[T, T]`` array), ``'splash'`` (TPU kernel, causal +
-      segment ids), ``'cudnn'`` (GPU, causal, packed or not), ``'auto'``
-      (splash on TPU, cuDNN on GPU where they fit, else blockwise), ``'reference'`` /
-      ``'einsum'`` (explicit float32 softmax on the dense mask) or
+      segment ids), ``'cudnn'`` (GPU, causal, packed or not; packed rows
+      need Hopper or newer), ``'auto'`` (splash on TPU, cuDNN on GPU where
+      they fit, else blockwise), ``'reference'`` / ``'einsum'`` (explicit
+      float32 softmax on the dense mask) or
       ``'fused'`` (``jax.nn.dot_product_attention`` on the dense mask).
     attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``
       for ``'fused'`` and KV-cache decoding: None, ``'xla'`` or ``'cudnn'``.

@@ -343,6 +343,18 @@ def test_resolve_attention_per_backend():
     assert resolve(name, plain, **kw) == name
 
 
+def test_cudnn_packed_rows_need_hopper(monkeypatch):
+  packed = attention.MaskInfo(np.ones((1, 256), np.int32), None)
+  plain = attention.MaskInfo(None, None)
+  kw = dict(seq_len=256, dtype=jnp.bfloat16, head_dim=64, backend='gpu')
+  monkeypatch.setattr(attention, '_gpu_capability', lambda: (8, 0))  # A100
+  assert 'Hopper' in attention.cudnn_fits(packed, jnp.bfloat16, 64)
+  assert attention.resolve_attention('auto', packed, **kw) == 'blockwise'
+  assert attention.resolve_attention('auto', plain, **kw) == 'cudnn'
+  monkeypatch.setattr(attention, '_gpu_capability', lambda: (9, 0))  # H100
+  assert attention.resolve_attention('auto', packed, **kw) == 'cudnn'
+
+
 # --- through the model --------------------------------------------------------
 
 
