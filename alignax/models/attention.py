@@ -566,6 +566,8 @@ def _gpu_capability() -> tuple[int, ...] | None:
   if _backend() != 'gpu':
     return None
   cc = getattr(jax.devices()[0], 'compute_capability', None)
+  if cc is None:
+    return None
   try:
     return tuple(int(x) for x in str(cc).split('.'))
   except ValueError:  # not a CUDA device (ROCm names its targets gfx...)

@@ -280,6 +280,7 @@ def test_cudnn_packed_layout_and_fallback(monkeypatch, kind, max_runs):
   ``lax.cond`` and still match.
   """
   monkeypatch.setattr(attention, '_backend', lambda: 'gpu')
+  monkeypatch.setattr(attention, '_gpu_capability', lambda: (9, 0))
   calls = []
 
   def emulated(*args):
