@@ -21,27 +21,24 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 from alignax.models import attention, layers  # noqa: E402
 
 
 def packed_rows(b, t, segments, seed=0):
-  """``[B, T]`` segment ids and restarting positions; the last 1/16 pad."""
-  rng = np.random.default_rng(seed)
-  seg = np.zeros((b, t), np.int32)
-  pos = np.zeros((b, t), np.int32)
-  end = t - t // 16
-  for n in range(b):
-    cuts = np.r_[np.sort(rng.choice(np.arange(1, end), segments - 1,
-                                    replace=False)), end]
-    for s, (lo, hi) in enumerate(zip(np.r_[0, cuts[:-1]], cuts)):
-      seg[n, lo:hi] = s + 1
-      pos[n, lo:hi] = np.arange(hi - lo)
-  return seg, pos
+  """``attention.py``'s packed ``[B, T]`` segment ids (the last 1/16 pad),
+  with positions restarting at each segment (0 on padding)."""
+  seg = attention_bench.packed_rows(b, t, segments, seed)
+  idx = np.broadcast_to(np.arange(t), (b, t))
+  start = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+  pos = idx - np.maximum.accumulate(np.where(start, idx, 0), axis=1)
+  return seg, np.where(seg > 0, pos, 0).astype(np.int32)
 
 
 def qkvw(b, t, h, kv, dh, seed=0):
